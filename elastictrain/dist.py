@@ -1,0 +1,112 @@
+"""Who am I: rank, world size, device and backend; process-group set-up and teardown.
+
+Launched by torchrun (RANK/WORLD_SIZE in the environment) we join a process group; launched plainly
+we are world size 1 with no process group at all, and every helper here works in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from elastictrain.config import Config
+from elastictrain.device import backend_for, pick_device
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    """None when there is no process group (world size 1 without torchrun)."""
+    ckpt_group: Any = None
+    """A gloo group for the snapshot engine alone: its collectives run on a background thread and must
+    never interleave with the training thread's collectives."""
+    cpu_group: Any = None
+    """A gloo group for the training thread's object collectives (works under nccl too)."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def attempt(self) -> int:
+        """torchrun's restart count on this node (not a global generation; only for logs)."""
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def init_distributed(cfg: Config) -> DistContext:
+    """Join the process group if torchrun launched us; otherwise return a world-size-1 context."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(cfg.train.device, local_rank)
+    if not launched:
+        return DistContext(0, 1, 0, device, None)
+    backend = backend_for(device, cfg.dist.backend)
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return DistContext(rank, world, local_rank, device, backend, ckpt_group, cpu_group)
+
+
+def teardown(ctx: DistContext | None) -> None:
+    if ctx is not None and ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s object on every rank (identity at world size 1)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=ctx.cpu_group)
+    return box[0]
+
+
+def all_gather_object(ctx: DistContext, obj: Any) -> list[Any]:
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.cpu_group)
+    return out
+
+
+def any_rank(ctx: DistContext, flag: bool) -> bool:
+    """True on every rank if it is true on any rank: a collective decision, made collectively."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_sum(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
+    if ctx.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier(group=ctx.cpu_group)
+
+
+def raise_together(ctx: DistContext, error: str | None) -> None:
+    """Raise ValueError on every rank if any rank has an error, so no rank waits alone in a collective."""
+    errors = [e for e in all_gather_object(ctx, error) if e]
+    if errors:
+        raise ValueError(errors[0])

@@ -1,0 +1,67 @@
+"""Test-only fault injection, driven by ``--debug.fault`` (never by editing code).
+
+Form: ``KIND@POINT=N[:rank=R]`` e.g. ``sigkill@step=5``, ``sigkill@saving=2:rank=1``, ``sigterm@step=3``.
+
+KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
+       raise    the rank raises RuntimeError (a Python crash; @record writes the error file)
+       sigterm  the rank sends SIGTERM to itself (what torchrun/SLURM deliver on preemption)
+       hang     the rank SIGSTOPs itself (a frozen peer; others hit the collective timeout)
+POINT  step     right after optimizer step N completed
+       saving   right after the snapshot after epoch N was started (async write in flight)
+       saved    right after the snapshot after epoch N was committed
+       restore  while restoring (N is ignored; use 0)
+
+A fault fires once per run directory: a marker under RUN_DIR/.faults/ is created atomically first, so
+the restarted or re-run job goes on normally. Default rank is 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("sigkill", "raise", "sigterm", "hang")
+POINTS = ("step", "saving", "saved", "restore")
+_FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    point: str
+    n: int
+    rank: int
+
+
+def parse_fault(spec: str) -> Fault:
+    """Parse ``KIND@POINT=N[:rank=R]``; raise ValueError with the accepted form otherwise."""
+    m = _FORM.match(spec)
+    if not m or m["kind"] not in KINDS or m["point"] not in POINTS:
+        raise ValueError(f"{spec!r} is not KIND@POINT=N[:rank=R] with KIND in {KINDS} and POINT in {POINTS}")
+    return Fault(m["kind"], m["point"], int(m["n"]), int(m["rank"] or 0))
+
+
+class FaultInjector:
+    """Fires the configured fault once, at the matching point, on the matching rank."""
+
+    def __init__(self, spec: str, run_dir: Path, rank: int) -> None:
+        self.fault = parse_fault(spec) if spec else None
+        self.marker = run_dir / ".faults" / re.sub(r"[^\w.=-]", "_", spec)
+        self.rank = rank
+
+    def maybe_fire(self, point: str, n: int) -> None:
+        f = self.fault
+        if f is None or f.point != point or self.rank != f.rank or (point != "restore" and n != f.n):
+            return
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # already fired in an earlier attempt
+        if f.kind == "raise":
+            raise RuntimeError(f"injected fault {f.kind}@{point}={n} on rank {self.rank}")
+        sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "hang": signal.SIGSTOP}[f.kind]
+        os.kill(os.getpid(), sig)

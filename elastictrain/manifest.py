@@ -1,0 +1,155 @@
+"""What is on disk: snapshot naming, the commit record with its checksum manifest, discovery, verification.
+
+A snapshot directory counts as COMPLETE only when ``COMMIT.json`` exists in it. The commit record is
+written after every rank finished writing, atomically (temp file, fsync, rename, fsync of the
+directory), and lists a SHA-256 and size for every file of the snapshot. Nothing here needs a
+process group: these are pure file operations, unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMMIT = "COMMIT.json"
+BEST = "BEST.json"
+FORMAT = 1
+_NAME = re.compile(r"^epoch(?P<epoch>\d+)-step(?P<step>\d+)$")
+_CHUNK = 8 * 1024 * 1024
+
+
+def snapshot_name(epoch: int, step: int) -> str:
+    return f"epoch{epoch:05d}-step{step:08d}"
+
+
+def is_snapshot_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
+@dataclass
+class SnapshotInfo:
+    path: Path
+    commit: dict[str, Any] | None
+    """The parsed commit record, or None when the snapshot is incomplete (or its record unreadable)."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def complete(self) -> bool:
+        return self.commit is not None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        m = _NAME.match(self.name)
+        assert m is not None
+        return int(m["step"]), int(m["epoch"])
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON so a reader sees the old file or the whole new one, never a torn one, even after power loss."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: Path, fsync: bool = False) -> str:
+    """SHA-256 of a file (about 1.3 GB/s here); optionally fsync it first so the commit outlives a crash."""
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def data_files(snapshot: Path) -> list[Path]:
+    """Every file the engine wrote, excluding our own commit record and temp files."""
+    out = []
+    for root, _, files in os.walk(snapshot):
+        for name in files:
+            if name == COMMIT or name.startswith(f".{COMMIT}.tmp"):
+                continue
+            out.append(Path(root) / name)
+    return sorted(out)
+
+
+def write_commit(snapshot: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every file (fsyncing it), then atomically write the commit record that makes it complete."""
+    start = time.time()
+    files = {str(p.relative_to(snapshot)): {"size": p.stat().st_size, "sha256": file_digest(p, fsync=True)}
+             for p in data_files(snapshot)}
+    fsync_dir(snapshot)
+    record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
+              "checksum_seconds": round(time.time() - start, 4)}
+    atomic_write_json(snapshot / COMMIT, record)
+    return record
+
+
+def read_commit(snapshot: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((snapshot / COMMIT).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("files"), dict):
+        return None
+    return record
+
+
+def verify(snapshot: Path, commit: dict[str, Any], marker: str) -> str | None:
+    """Return None if every file matches the manifest, else a message naming the damaged file."""
+    if marker not in commit["files"]:
+        return f"{snapshot / marker}: engine metadata missing from the manifest"
+    for rel, expect in commit["files"].items():
+        path = snapshot / rel
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path}: missing"
+        if size != expect["size"]:
+            return f"{path}: size {size} bytes, expected {expect['size']} (truncated or rewritten)"
+        if file_digest(path) != expect["sha256"]:
+            return f"{path}: checksum mismatch (bytes changed after the snapshot was committed)"
+    return None
+
+
+def list_snapshots(root: Path) -> list[SnapshotInfo]:
+    """Every snapshot directory under ``root``, newest (highest step) first, complete or not."""
+    if not root.is_dir():
+        return []
+    infos = [SnapshotInfo(p, read_commit(p)) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
+    return sorted(infos, key=lambda i: i.order, reverse=True)
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / BEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def retention_victims(snapshots: list[SnapshotInfo], keep: int, best: str | None) -> list[SnapshotInfo]:
+    """Complete rolling snapshots beyond the newest ``keep``; permanent and best are never victims."""
+    rolling = [s for s in snapshots if s.complete and s.commit["tier"] == "rolling"]  # type: ignore[index]
+    return [s for s in rolling[keep:] if s.name != best]
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

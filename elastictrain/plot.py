@@ -1,0 +1,93 @@
+"""``elastictrain plot RUN_DIR``: loss and IoU curves of a run, with its restarts marked, as a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from elastictrain.metrics import read_metrics, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _surviving(records: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``kind`` records, the last record of each step winning.
+
+    After a resume the replayed steps appear twice in the JSONL; the later record belongs to the attempt
+    that carried on, so the curve shows the trajectory the final model actually took.
+    """
+    by_step = {r["step"]: r[key] for r in records if r.get("kind") == kind and isinstance(r.get(key), (int, float))}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _restarts(records: list[dict]) -> list[tuple[int, str, bool]]:
+    """(step, label, world size changed) for every resume event."""
+    marks = []
+    world_size = None
+    for r in records:
+        if r.get("kind") == "event" and r.get("event") == "resume":
+            new = r.get("world_size")
+            changed = world_size is not None and new is not None and new != world_size
+            size = f"ws {world_size}\u2192{new}" if changed else f"ws {new}"
+            marks.append((r["step"], f"attempt {r.get('attempt', '?')}, {size}", changed))
+        if "world_size" in r:
+            world_size = r["world_size"]
+    return marks
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Plot train/val loss and val IoU against the optimizer step, restarts as dashed lines.
+
+    Args:
+        run_dir: a run directory holding metrics.jsonl.
+        out: PNG to write; default RUN_DIR/metrics.png.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileNotFoundError: naming the metrics file when the run has none.
+    """
+    # The Figure/Agg canvas API leaves pyplot's global backend alone (safe inside a training process).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    out = Path(out) if out is not None else run_dir / "metrics.png"
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, iou_ax = fig.subplots(2, 1, sharex=True)
+    loss_ax.plot(*_surviving(records, "train", "loss"), label="train loss", lw=1, alpha=0.8)
+    loss_ax.plot(*_surviving(records, "val", "val_loss"), "o-", label="val loss")
+    loss_ax.set_ylabel("loss")
+    iou_ax.plot(*_surviving(records, "val", "iou"), "o-", color="tab:green", label="val IoU")
+    iou_ax.set_ylabel("IoU")
+    iou_ax.set_xlabel("optimizer step")
+    for step, label, changed in _restarts(records):
+        color = "tab:red" if changed else "tab:gray"
+        for ax in (loss_ax, iou_ax):
+            ax.axvline(step, ls="--", color=color, lw=1)
+        loss_ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                         ha="right", fontsize=8, color=color)
+    for ax in (loss_ax, iou_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(loc="best")
+    fig.suptitle(f"{run_dir.name}: dashed = resumed (red: world size changed)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """``elastictrain plot RUN_DIR [--out FILE]``."""
+    parser = argparse.ArgumentParser(prog="elastictrain plot", description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    setup_logging(None, rank=0)
+    log.info("wrote %s", plot_run(args.run_dir, args.out))
+    return 0

@@ -1,0 +1,285 @@
+"""The training loop. Policy lives in the components; this file reads top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from elastictrain import device as devices
+from elastictrain.checkpoint import CheckpointManager, build_app_state
+from elastictrain.config import Config, to_dict
+from elastictrain.data import build_loaders
+from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum
+from elastictrain.faults import FaultInjector
+from elastictrain.metrics import MetricsLogger, progress, write_summary
+from elastictrain.model import SegmentationLoss, build_model, confusion_stats, scores
+from elastictrain.parallelize import grad_sync, resolve_strategy, wrap
+from elastictrain.preemption import Preemption
+from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everything
+
+log = logging.getLogger(__name__)
+
+FINISHED = 0
+
+
+def batch_geometry(batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) giving exactly ``batch_size`` samples per optimizer
+    step at this world size, so a restart at another world size keeps the same optimization."""
+    if batch_size % world_size:
+        raise ValueError(f"--train.batch_size {batch_size} (global) is not divisible by the world size "
+                         f"{world_size}; choose a multiple of {world_size}")
+    per_rank = batch_size // world_size
+    micro = micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"--train.micro_batch_size {micro} does not divide the per-rank batch {per_rank} "
+                         f"(--train.batch_size {batch_size} / world size {world_size})")
+    return micro, per_rank // micro
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Any:
+    """Multiplier of the peak LR at a given optimizer step: linear warmup, then cosine to 0 or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.run.dir)
+        self.state = TrainState(config=to_dict(cfg), world_size=ctx.world_size)
+        if cfg.debug.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (FSDP2 shards them)
+        model = build_model(cfg.model, cfg.data.num_classes)
+        self.strategy = resolve_strategy(cfg.dist.strategy, ctx)
+        self.model: nn.Module = wrap(model, self.strategy, ctx)
+        seed_everything(cfg.run.seed, ctx.rank)
+        self.micro_batch, self.accum = batch_geometry(cfg.train.batch_size, cfg.train.micro_batch_size,
+                                                      ctx.world_size)
+        self.loaders = build_loaders(cfg, ctx.rank, ctx.world_size, self.micro_batch, self.accum)
+        self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--train.batch_size {cfg.train.batch_size} is larger than the training set")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(cfg.optim.schedule, cfg.optim.warmup_steps, total))
+        self.amp_dtype = devices.autocast_dtype(ctx.device, cfg.train.precision)
+        self.scaler = torch.amp.GradScaler("cuda") if devices.needs_grad_scaler(ctx.device, self.amp_dtype) else None
+        self.loss_fn = SegmentationLoss()
+        self.faults = FaultInjector(cfg.debug.fault, self.run_dir, ctx.rank)
+        self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, self.faults)
+        self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
+        self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
+        self.preemption = Preemption(cfg.preemption)
+        self.started = time.time()
+
+    # ---------- start-up ----------
+    def resume(self) -> dict[str, Any] | None:
+        """Continue from the latest complete snapshot if there is one; there is no separate resume mode."""
+        path = self.checkpointer.latest_complete_snapshot()
+        if path is None:
+            log.info("no snapshot in %s: starting fresh", self.checkpointer.root)
+            return None
+        stored = self.checkpointer.read_train_state(path)
+        self._check_compatible(stored.config, path)
+        self.checkpointer.restore(path, self.app_state)
+        self._after_restore(stored.config)
+        info = {"epoch": self.state.epoch, "step": self.state.step, "snapshot": str(path),
+                "world_size": self.ctx.world_size, "previous_world_size": self.state.world_size,
+                "attempt": self.ctx.attempt, "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+        log.info("resuming from epoch %d step %d (snapshot %s, taken at world size %d, now %d)",
+                 self.state.epoch, self.state.step, path, self.state.world_size, self.ctx.world_size)
+        return info
+
+    def _check_compatible(self, stored: dict[str, Any], path: Path) -> None:
+        """Refuse a changed model before anything is loaded or overwritten; warn on changed hyper-parameters."""
+        now = to_dict(self.cfg)
+        if stored.get("model") != now["model"] or stored["data"]["num_classes"] != now["data"]["num_classes"]:
+            changed = {k: (stored["model"].get(k), v) for k, v in now["model"].items() if stored["model"].get(k) != v}
+            if stored["data"]["num_classes"] != now["data"]["num_classes"]:
+                changed["data.num_classes"] = (stored["data"]["num_classes"], now["data"]["num_classes"])
+            raise ValueError(f"the model differs from the one in snapshot {path}: {changed} (snapshot, now). "
+                             f"Use a new --run.dir to train a different model, or restore the --model settings.")
+        for section, key in (("train", "batch_size"), ("optim", "lr")):
+            if stored[section][key] != now[section][key]:
+                log.warning("--%s.%s changed on resume: %s in the snapshot, %s now", section, key,
+                            stored[section][key], now[section][key])
+
+    def _after_restore(self, stored: dict[str, Any]) -> None:
+        if stored["optim"]["lr"] != self.cfg.optim.lr:
+            self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.scheduler.base_lrs]
+        if self.state.sample_offset % self.loaders.train_sampler.global_batch:
+            raise ValueError(f"the snapshot stopped mid-epoch after {self.state.sample_offset} samples, which is "
+                             f"not a whole number of --train.batch_size {self.cfg.train.batch_size} batches")
+        rng = self.state.rng
+        if self.ctx.rank < len(rng):
+            restore_rng(rng[self.ctx.rank], self.ctx.device)
+        else:  # a rank that did not exist before: a fresh, distinct stream
+            seed_everything(self.cfg.run.seed + 1000 * self.state.step, self.ctx.rank)
+        self.state.config = to_dict(self.cfg)
+
+    # ---------- the loop ----------
+    def train(self) -> int:
+        """Train to ``train.epochs``; returns 0 when finished, ``preemption.exit_code`` when preempted."""
+        resumed = self.resume()
+        self.state.run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
+        self.preemption.install()
+        for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            if not self.train_epoch(epoch):
+                return self.stop_for_preemption()
+            val = self.validate()
+            self.end_epoch(epoch, val)
+        self.checkpointer.wait()
+        self.finish()
+        return FINISHED
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch from the current sample offset; False when preemption stopped it at a step boundary."""
+        self.model.train()
+        loader = self.loaders.train_loader(epoch, self.state.sample_offset)
+        remaining = self.steps_per_epoch - self.state.sample_offset // self.loaders.train_sampler.global_batch
+        losses: list[float] = []
+        for batches in progress(self._steps(loader), remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
+            if self.preemption.should_stop(self.ctx):
+                return False
+            losses.append(self.train_step(batches))
+            self.state.step += 1
+            self.state.sample_offset += self.loaders.train_sampler.global_batch
+            self.faults.maybe_fire("step", self.state.step)
+            if self.state.step % self.cfg.train.log_every == 0:
+                self.log_train(epoch, losses[-self.cfg.train.log_every:])
+        self.epoch_train_loss = self._mean_across_ranks(losses)
+        return True
+
+    def _steps(self, loader: Any) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Group micro-batches into optimizer steps."""
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.accum:
+                yield group
+                group = []
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Forward/backward over the micro-batches of one optimizer step, then clip and step."""
+        total = 0.0
+        for i, (image, mask) in enumerate(batches):
+            image, mask = image.to(self.ctx.device), mask.to(self.ctx.device)
+            # Gradients are reduced across ranks only on the last micro-batch of the step.
+            with grad_sync(self.model, enabled=i == len(batches) - 1):
+                with devices.autocast(self.ctx.device, self.amp_dtype):
+                    loss = self.loss_fn(self.model(image), mask) / len(batches)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation loss, IoU and Dice over the whole validation set, summed across ranks."""
+        self.model.eval()
+        stats = torch.zeros(4, self.cfg.data.num_classes, dtype=torch.long)
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for image, mask in self.loaders.val_loader:
+            image, mask = image.to(self.ctx.device), mask.to(self.ctx.device)
+            with devices.autocast(self.ctx.device, self.amp_dtype):
+                logits = self.model(image)
+            loss_sum += torch.tensor([self.loss_fn(logits, mask).item() * len(image), len(image)], dtype=torch.float64)
+            stats += confusion_stats(logits, mask, self.cfg.data.num_classes).cpu()
+        stats, loss_sum = all_reduce_sum(self.ctx, stats), all_reduce_sum(self.ctx, loss_sum)
+        return {"val_loss": float(loss_sum[0] / loss_sum[1]), **scores(stats)}
+
+    def end_epoch(self, epoch: int, val: dict[str, float]) -> None:
+        self.state.epoch = epoch + 1
+        self.state.sample_offset = 0
+        record = {"epoch": self.state.epoch, "step": self.state.step, "train_loss": self.epoch_train_loss, **val}
+        self.state.history.append(record)
+        self.metrics.log("val", **record, world_size=self.ctx.world_size)
+        log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, IoU %.4f", self.state.epoch,
+                 self.cfg.train.epochs, self.state.step, self.epoch_train_loss, val["val_loss"], val["iou"])
+        self._capture_rng()
+        self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
+
+    def log_train(self, epoch: int, recent: list[float]) -> None:
+        loss = self._mean_across_ranks(recent)
+        self.metrics.log("train", self.state.step, epoch=epoch, loss=loss, lr=self.scheduler.get_last_lr()[0],
+                         sample_offset=self.state.sample_offset, world_size=self.ctx.world_size)
+
+    def _mean_across_ranks(self, values: list[float]) -> float:
+        t = all_reduce_sum(self.ctx, torch.tensor([sum(values), len(values)], dtype=torch.float64))
+        return float(t[0] / max(1.0, float(t[1])))
+
+    def _capture_rng(self) -> None:
+        self.state.world_size = self.ctx.world_size
+        self.state.rng = all_gather_object(self.ctx, capture_rng(self.ctx.device))
+
+    # ---------- the end ----------
+    def stop_for_preemption(self) -> int:
+        """Snapshot at this step boundary (after the one in flight), then exit with the documented code."""
+        deadline = self.preemption.start_deadline()
+        log.warning("preemption requested (%s): snapshot at epoch %d step %d, then exit %d",
+                    self.preemption.requested or "a signal on another rank", self.state.epoch, self.state.step,
+                    self.cfg.preemption.exit_code)
+        self._capture_rng()
+        name = self.checkpointer.save_now(self.app_state, self.state)
+        deadline.cancel()
+        self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name,
+                         signal=self.preemption.requested or "", world_size=self.ctx.world_size)
+        return self.cfg.preemption.exit_code
+
+    def finish(self) -> None:
+        path = self.run_dir / "final_model.pt"
+        export_full_state(self.model, path, self.ctx)
+        best = self.state.best_snapshot
+        summary = {"epochs": self.state.epoch, "steps": self.state.step, "best_val_loss": self.state.best_val_loss,
+                   "final_model": str(path), "best_snapshot": str(self.checkpointer.root / best) if best else "",
+                   "snapshot_blocked_seconds": self.checkpointer.blocked_seconds}
+        self.metrics.log("event", self.state.step, event="finished", epoch=self.state.epoch)
+        if self.ctx.is_main:
+            write_summary(self.run_dir, summary)
+
+    def close(self) -> None:
+        self.preemption.uninstall()
+        with contextlib.suppress(Exception):
+            self.checkpointer.close()
+        self.metrics.close()
+
+
+def export_full_state(model: nn.Module, path: Path, ctx: DistContext) -> None:
+    """A plain, unsharded state dict on CPU that ``torch.load(weights_only=True)`` reads on any device;
+    written to a temp file and renamed, so a crash never leaves a torn final model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({k: v.detach().cpu().contiguous() for k, v in full.items()}, tmp)
+        os.replace(tmp, path)

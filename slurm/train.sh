@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# elastictrain on SLURM: requeue on preemption and near the time limit, resume from the last snapshot.
+#
+#   sbatch slurm/train.sh --config configs/tiny.yaml --run.dir runs/tiny
+#   NPROC_PER_NODE=2 sbatch --nodes=2 --time=4:00:00 slurm/train.sh --config configs/my.yaml
+#
+# Submit from the repository root (the job runs `python -m elastictrain` in the submit directory) or
+# install the package. Everything after the script name goes to the trainer. Without --run.dir the run
+# directory is runs/slurm-<job id>; the job id survives requeues, so a requeued job finds its snapshots.
+# The trainer always resumes from the latest complete snapshot in its run directory, so "requeue" is
+# simply "run the same command again".
+#
+# Signals (what SLURM sends, and what this script does with it):
+#   USR1 to this shell   the time-limit warning (--signal=B:USR1@90 below) or a preemption notice
+#                        (SlurmctldParameters=preempt_send_user_signal). Forwarded once to torchrun,
+#                        which forwards it to the workers (--signals-to-handle); they snapshot at the next
+#                        step boundary and exit 75. Then this script runs `scontrol requeue`: SLURM
+#                        would NOT requeue a job that reaches its time limit (it ends TIMEOUT), even with
+#                        --requeue. A trainer that exits 0 (training finished) is never requeued.
+#   TERM to everything   `scontrol requeue`, preemption after GraceTime, scancel: slurmstepd signals
+#                        every process of the job itself; the workers snapshot and exit, and this script
+#                        only waits (a second TERM from us would make torchrun abandon its workers).
+#                        SLURM requeues the job (or cancels it); KillWait later it SIGKILLs what is left.
+#
+# One torchrun per node, with c10d rendezvous on the first node of the allocation. On one node
+# torchrun runs directly in this batch step; on several, through `srun` (one task per node). Why not
+# srun on one node: srun turns a SIGTERM it receives into SIGKILL of its tasks ("srun: forcing job
+# termination"), and SLURM's requeue/preemption SIGTERM reaches srun too, so a trainer under srun gets
+# no time to snapshot on SIGTERM. Multi-node jobs have no alternative to srun; they get their graceful
+# snapshot from the USR1 paths above and otherwise resume from the last periodic snapshot.
+#
+# Environment (sbatch exports the submitting shell's environment to the job):
+#   ELASTICTRAIN_PYTHON  python with torch and elastictrain (default: python on PATH)
+#   NPROC_PER_NODE       workers per node (default: the node's allocated GPUs, else 1)
+#   MAX_RESTARTS         torchrun restarts of failed workers within one allocation (default 3)
+#   RDZV_PORT            c10d port on the first node (default derived from the job id and restart count)
+#   SRUN_LAUNCH          auto (srun only when nodes > 1), 1 (always srun) or 0 (never; one node only)
+#
+#SBATCH --job-name=elastictrain
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=4
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+# USR1 to this shell (B:) 90 s before the time limit. SLURM checks limits every 30 s, so it comes
+# 90-120 s early. The window must hold a snapshot (preemption.deadline_s, 25 s by default), torchrun's
+# worker shutdown and the requeue call; raise it for large models or slow filesystems.
+#SBATCH --signal=B:USR1@90
+# Set a --time on the command line or here; the partition's limit applies otherwise.
+set -uo pipefail
+
+PY=${ELASTICTRAIN_PYTHON:-python}
+restart=${SLURM_RESTART_COUNT:-0}   # unset on the first run, 1, 2, ... after each requeue
+
+log() { echo "[$(date +%H:%M:%S)] train.sh: $*"; }
+
+warned=0      # USR1 received: snapshot, then requeue ourselves
+terminated=0  # TERM received: SLURM is requeueing or cancelling the job itself
+child=
+
+on_warning() {
+    if ((warned)); then
+        return  # one snapshot request is enough; a second USR1 would interrupt torchrun's shutdown
+    fi
+    warned=1
+    log "USR1: time limit or preemption ahead; asking the trainer for a snapshot"
+    [[ -n $child ]] && kill -USR1 "$child" 2>/dev/null
+}
+
+on_term() {
+    terminated=1
+    log "TERM: SLURM is ending this run (requeue, preemption or cancel); waiting for the trainer's snapshot"
+}
+
+trap on_warning USR1
+trap on_term TERM
+
+args=("$@")
+if [[ " ${args[*]-} " != *" --run.dir "* && " ${args[*]-} " != *" --run.dir="* ]]; then
+    args+=(--run.dir "runs/slurm-${SLURM_JOB_ID}")
+fi
+
+nnodes=${SLURM_NNODES:-1}
+head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+# A fresh port per attempt: the previous attempt's store may linger in TIME_WAIT or in a stray process.
+port=${RDZV_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 4000) * 10 + restart % 10))}
+nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+cpus=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
+# The agent-shared TCPStore breaks restarts (stale gloo addresses, pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+log "job ${SLURM_JOB_ID:-?} restart ${restart} on $(hostname): ${nnodes} node(s) x ${nproc} worker(s)," \
+    "rendezvous ${head_node}:${port}, run: ${args[*]}"
+
+torchrun=("$PY" -m torch.distributed.run
+    --nnodes "$nnodes" --nproc-per-node "$nproc"
+    --rdzv-backend c10d --rdzv-endpoint "${head_node}:${port}" --rdzv-id "${SLURM_JOB_ID:-local}"
+    --max-restarts "${MAX_RESTARTS:-3}"
+    --signals-to-handle SIGTERM,SIGINT,SIGUSR1
+    -m elastictrain "${args[@]}")
+
+case ${SRUN_LAUNCH:-auto} in
+    1) use_srun=1 ;;
+    0) use_srun=0 ;;
+    *) use_srun=$((nnodes > 1)) ;;
+esac
+
+rc=75
+if ((warned || terminated)); then
+    log "signalled before the trainer started; not starting it"
+else
+    if ((use_srun)); then
+        srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 "${torchrun[@]}" &
+    else
+        "${torchrun[@]}" &
+    fi
+    child=$!
+    ((warned)) && kill -USR1 "$child" 2>/dev/null  # the warning raced the start
+    # `wait` returns early (status > 128) whenever a trapped signal arrives: wait until the child is gone.
+    while :; do
+        wait "$child"
+        rc=$?
+        kill -0 "$child" 2>/dev/null || break
+    done
+fi
+
+if ((rc == 0)); then
+    log "training finished (trainer exit 0)"
+    exit 0
+fi
+if ((terminated)); then
+    log "trainer exit ${rc} after TERM; SLURM decides whether this job comes back"
+    exit "$rc"
+fi
+if ((warned || rc == 75)); then
+    log "trainer exit ${rc} after a snapshot request; requeueing job ${SLURM_JOB_ID}"
+    if scontrol requeue "${SLURM_JOB_ID}"; then
+        exit 0
+    fi
+    log "scontrol requeue failed: resubmit the same command to resume"
+    exit 75
+fi
+log "trainer failed with exit ${rc}; not requeueing (fix the error, then resubmit to resume)"
+exit "$rc"
