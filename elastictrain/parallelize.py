@@ -69,3 +69,18 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def sync_buffers(model: nn.Module, distributed: bool) -> None:
+    """Make buffers (batch-norm running stats) equal to rank 0's on every rank before a snapshot.
+
+    They drift per rank (each sees its own batches), and a snapshot stores them once as replicated
+    state, written by whichever rank the engine picks: unsynchronized, a restore would mix ranks'
+    values. DDP copies rank 0's buffers at every forward anyway, so this changes no trajectory there.
+    """
+    if not distributed:
+        return
+    import torch.distributed as dist
+
+    for buf in unwrap(model).buffers():
+        dist.broadcast(buf, src=0)

@@ -21,7 +21,7 @@ from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum
 from elastictrain.faults import FaultInjector
 from elastictrain.metrics import MetricsLogger, progress, write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, scores
-from elastictrain.parallelize import grad_sync, resolve_strategy, wrap
+from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
 from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everything
 
@@ -225,7 +225,7 @@ class Trainer:
         self.metrics.log("val", **record, world_size=self.ctx.world_size)
         log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, IoU %.4f", self.state.epoch,
                  self.cfg.train.epochs, self.state.step, self.epoch_train_loss, val["val_loss"], val["iou"])
-        self._capture_rng()
+        self._prepare_snapshot()
         self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
 
     def log_train(self, epoch: int, recent: list[float]) -> None:
@@ -237,7 +237,9 @@ class Trainer:
         t = all_reduce_sum(self.ctx, torch.tensor([sum(values), len(values)], dtype=torch.float64))
         return float(t[0] / max(1.0, float(t[1])))
 
-    def _capture_rng(self) -> None:
+    def _prepare_snapshot(self) -> None:
+        """Make replicated state identical on every rank and gather per-rank RNG states."""
+        sync_buffers(self.model, self.ctx.distributed)
         self.state.world_size = self.ctx.world_size
         self.state.rng = all_gather_object(self.ctx, capture_rng(self.ctx.device))
 
@@ -248,7 +250,7 @@ class Trainer:
         log.warning("preemption requested (%s): snapshot at epoch %d step %d, then exit %d",
                     self.preemption.requested or "a signal on another rank", self.state.epoch, self.state.step,
                     self.cfg.preemption.exit_code)
-        self._capture_rng()
+        self._prepare_snapshot()
         name = self.checkpointer.save_now(self.app_state, self.state)
         deadline.cancel()
         self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name,
