@@ -12,29 +12,28 @@
 #
 # Signals (what SLURM sends, and what this script does with it):
 #   USR1 to this shell   the time-limit warning (--signal=B:USR1@90 below) or a preemption notice
-#                        (SlurmctldParameters=preempt_send_user_signal). Forwarded once to torchrun,
-#                        which forwards it to the workers (--signals-to-handle); they snapshot at the next
-#                        step boundary and exit 75. Then this script runs `scontrol requeue`: SLURM
+#                        (SlurmctldParameters=preempt_send_user_signal). Forwarded once to srun, which
+#                        signals its step (torchrun, which passes it on via --signals-to-handle, and the
+#                        workers); the workers snapshot at the next step boundary and exit 75, torchrun
+#                        exits (status 1). Then this script runs `scontrol requeue`: SLURM
 #                        would NOT requeue a job that reaches its time limit (it ends TIMEOUT), even with
 #                        --requeue. A trainer that exits 0 (training finished) is never requeued.
 #   TERM to everything   `scontrol requeue`, preemption after GraceTime, scancel: slurmstepd signals
 #                        every process of the job itself; the workers snapshot and exit, and this script
-#                        only waits (a second TERM from us would make torchrun abandon its workers).
+#                        only waits (a TERM from us would make srun SIGKILL the step, see below).
 #                        SLURM requeues the job (or cancels it); KillWait later it SIGKILLs what is left.
 #
-# One torchrun per node, with c10d rendezvous on the first node of the allocation. On one node
-# torchrun runs directly in this batch step; on several, through `srun` (one task per node). Why not
-# srun on one node: srun turns a SIGTERM it receives into SIGKILL of its tasks ("srun: forcing job
-# termination"), and SLURM's requeue/preemption SIGTERM reaches srun too, so a trainer under srun gets
-# no time to snapshot on SIGTERM. Multi-node jobs have no alternative to srun; they get their graceful
-# snapshot from the USR1 paths above and otherwise resume from the last periodic snapshot.
+# One torchrun per node (one srun task per node), with c10d rendezvous on the first node of the
+# allocation; torchrun starts the workers and restarts them (--max-restarts) when one fails. This
+# script never sends TERM to srun: srun turns a TERM it receives into SIGKILL of its tasks ("srun:
+# forcing job termination"). When SLURM itself ends the job, srun's SIGKILL request comes too late to
+# matter (measured: workers keep the full KillWait grace), so TERM snapshots work under srun.
 #
 # Environment (sbatch exports the submitting shell's environment to the job):
 #   ELASTICTRAIN_PYTHON  python with torch and elastictrain (default: python on PATH)
 #   NPROC_PER_NODE       workers per node (default: the node's allocated GPUs, else 1)
 #   MAX_RESTARTS         torchrun restarts of failed workers within one allocation (default 3)
 #   RDZV_PORT            c10d port on the first node (default derived from the job id and restart count)
-#   SRUN_LAUNCH          auto (srun only when nodes > 1), 1 (always srun) or 0 (never; one node only)
 #
 #SBATCH --job-name=elastictrain
 #SBATCH --nodes=1
@@ -101,21 +100,11 @@ torchrun=("$PY" -m torch.distributed.run
     --signals-to-handle SIGTERM,SIGINT,SIGUSR1
     -m elastictrain "${args[@]}")
 
-case ${SRUN_LAUNCH:-auto} in
-    1) use_srun=1 ;;
-    0) use_srun=0 ;;
-    *) use_srun=$((nnodes > 1)) ;;
-esac
-
 rc=75
 if ((warned || terminated)); then
     log "signalled before the trainer started; not starting it"
 else
-    if ((use_srun)); then
-        srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 "${torchrun[@]}" &
-    else
-        "${torchrun[@]}" &
-    fi
+    srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 "${torchrun[@]}" &
     child=$!
     ((warned)) && kill -USR1 "$child" 2>/dev/null  # the warning raced the start
     # `wait` returns early (status > 128) whenever a trapped signal arrives: wait until the child is gone.
