@@ -398,8 +398,9 @@ def load_config(argv: list[str]) -> Config:
             _apply(cfg, key, value, from_cli=False, problems=problems)
     for key, value in pairs:
         _apply(cfg, key, value, from_cli=True, problems=problems)
-    if not problems:
-        problems = validate(cfg)
+    # Settings that failed to parse kept their (valid) defaults, so validating now reports the
+    # remaining problems in the same message instead of one round-trip per mistake.
+    problems += validate(cfg)
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
