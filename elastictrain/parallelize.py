@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from elastictrain.dist import DistContext
@@ -49,8 +50,6 @@ def wrap(model: nn.Module, strategy: str, ctx: DistContext, amp_dtype: torch.dty
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         policy = fsdp_mixed_precision(ctx.device, amp_dtype)
         # One FSDP unit per block, then the root (stems, heads and anything else): a unit's parameters
         # are gathered only while it runs, which is what bounds memory per rank.
@@ -61,15 +60,13 @@ def wrap(model: nn.Module, strategy: str, ctx: DistContext, amp_dtype: torch.dty
     raise AssertionError(f"unknown strategy {strategy}")
 
 
-def fsdp_mixed_precision(device: torch.device, amp_dtype: torch.dtype | None) -> "MixedPrecisionPolicy":
+def fsdp_mixed_precision(device: torch.device, amp_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     """bf16 parameter gathers with fp32 gradient reduction on CUDA when training in bf16; fp32 otherwise.
 
     On CPU (gloo) the gathers stay fp32: bf16 autocast is what ``--train.precision bf16`` means there,
     and the sharded parameters and optimizer state are fp32 in every case (so snapshots never hold
     bf16 tensors, which torchsnapshot cannot take when their element count is odd).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     if device.type == "cuda" and amp_dtype == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()

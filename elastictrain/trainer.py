@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from elastictrain import device as devices
+from elastictrain import manifest
 from elastictrain.checkpoint import CheckpointManager, build_app_state
 from elastictrain.config import Config, to_dict
 from elastictrain.data import build_loaders
@@ -68,7 +69,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (FSDP2 shards them)
         model = build_model(cfg.model, cfg.data.num_classes)
         self.strategy = resolve_strategy(cfg.dist.strategy, ctx)
-        self.model: nn.Module = wrap(model, self.strategy, ctx)
+        self.amp_dtype = devices.autocast_dtype(ctx.device, cfg.train.precision)
+        self.model: nn.Module = wrap(model, self.strategy, ctx, self.amp_dtype)
         seed_everything(cfg.run.seed, ctx.rank)
         self.micro_batch, self.accum = batch_geometry(cfg.train.batch_size, cfg.train.micro_batch_size,
                                                       ctx.world_size)
@@ -81,7 +83,6 @@ class Trainer:
         total = self.steps_per_epoch * cfg.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg.optim.schedule, cfg.optim.warmup_steps, total))
-        self.amp_dtype = devices.autocast_dtype(ctx.device, cfg.train.precision)
         self.scaler = torch.amp.GradScaler("cuda") if devices.needs_grad_scaler(ctx.device, self.amp_dtype) else None
         self.loss_fn = SegmentationLoss()
         self.faults = FaultInjector(cfg.debug.fault, self.run_dir, ctx.rank)
@@ -89,6 +90,8 @@ class Trainer:
         self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
         self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
         self.preemption = Preemption(cfg.preemption)
+        self.snapshot_step = -1
+        """Step of the last snapshot this process started; a preemption at that very step needs no second one."""
         self.started = time.time()
 
     # ---------- start-up ----------
@@ -102,8 +105,10 @@ class Trainer:
         self._check_compatible(stored.config, path)
         self.checkpointer.restore(path, self.app_state)
         self._after_restore(stored.config)
-        info = {"epoch": self.state.epoch, "step": self.state.step, "snapshot": str(path),
-                "world_size": self.ctx.world_size, "previous_world_size": self.state.world_size,
+        if not self.cfg.checkpoint.resume_from:  # the latest complete snapshot already holds this step
+            self.snapshot_step = self.state.step
+        info = {"epoch": self.state.epoch, "step": self.state.step, "sample_offset": self.state.sample_offset,
+                "snapshot": str(path), "world_size": self.ctx.world_size, "previous_world_size": self.state.world_size,
                 "attempt": self.ctx.attempt, "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
         log.info("resuming from epoch %d step %d (snapshot %s, taken at world size %d, now %d)",
                  self.state.epoch, self.state.step, path, self.state.world_size, self.ctx.world_size)
@@ -139,9 +144,9 @@ class Trainer:
     # ---------- the loop ----------
     def train(self) -> int:
         """Train to ``train.epochs``; returns 0 when finished, ``preemption.exit_code`` when preempted."""
+        self.preemption.install()  # before the restore: a signal during start-up stops at the first step boundary
         resumed = self.resume()
         self.state.run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
-        self.preemption.install()
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             if not self.train_epoch(epoch):
                 return self.stop_for_preemption()
@@ -214,8 +219,21 @@ class Trainer:
                 logits = self.model(image)
             loss_sum += torch.tensor([self.loss_fn(logits, mask).item() * len(image), len(image)], dtype=torch.float64)
             stats += confusion_stats(logits, mask, self.cfg.data.num_classes).cpu()
+        if self.strategy == "fsdp":
+            self._idle_forwards(len(self.loaders.val_loader))
         stats, loss_sum = all_reduce_sum(self.ctx, stats), all_reduce_sum(self.ctx, loss_sum)
         return {"val_loss": float(loss_sum[0] / loss_sum[1]), **scores(stats)}
+
+    def _idle_forwards(self, done: int) -> None:
+        """Every FSDP2 forward all-gathers parameters with every rank, so a rank with a shorter validation
+        shard (shards differ by up to one sample) runs blank forwards until it has done as many as the rank
+        with the most batches; their outputs are discarded and eval mode leaves batch-norm buffers alone."""
+        most = max(all_gather_object(self.ctx, done))
+        size = self.cfg.data.image_size
+        blank = torch.zeros(1, self.cfg.model.in_channels, size, size, device=self.ctx.device)
+        for _ in range(most - done):
+            with devices.autocast(self.ctx.device, self.amp_dtype):
+                self.model(blank)
 
     def end_epoch(self, epoch: int, val: dict[str, float]) -> None:
         self.state.epoch = epoch + 1
@@ -226,7 +244,8 @@ class Trainer:
         log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, IoU %.4f", self.state.epoch,
                  self.cfg.train.epochs, self.state.step, self.epoch_train_loss, val["val_loss"], val["iou"])
         self._prepare_snapshot()
-        self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
+        if self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"]):
+            self.snapshot_step = self.state.step
 
     def log_train(self, epoch: int, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
@@ -250,8 +269,12 @@ class Trainer:
         log.warning("preemption requested (%s): snapshot at epoch %d step %d, then exit %d",
                     self.preemption.requested or "a signal on another rank", self.state.epoch, self.state.step,
                     self.cfg.preemption.exit_code)
-        self._prepare_snapshot()
-        name = self.checkpointer.save_now(self.app_state, self.state)
+        if self.snapshot_step == self.state.step:  # signalled right after an epoch-end snapshot: just commit it
+            self.checkpointer.wait()
+            name = manifest.snapshot_name(self.state.epoch, self.state.step)
+        else:
+            self._prepare_snapshot()
+            name = self.checkpointer.save_now(self.app_state, self.state)
         deadline.cancel()
         self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name,
                          signal=self.preemption.requested or "", world_size=self.ctx.world_size)

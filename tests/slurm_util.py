@@ -52,6 +52,11 @@ def sbatch(train_args: list[str], out: Path, *sbatch_args: str, **env: str) -> i
     return int(proc.stdout.strip().split(";")[0])
 
 
+def sbatch_wrap(command: str, out: Path, *sbatch_args: str) -> int:
+    """Submit a one-line job (``sbatch --wrap``); return the job id."""
+    return int(slurm("sbatch", "--parsable", f"--output={out}", *sbatch_args, "--wrap", command).split(";")[0])
+
+
 def job_info(job: int) -> dict[str, str]:
     """`scontrol show job` as a dict (JobState, Restarts, ExitCode, Reason, ...)."""
     out = slurm("scontrol", "-o", "show", "job", str(job), check=False)
