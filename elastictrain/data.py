@@ -12,6 +12,7 @@ Two ideas make a restart at another world size neither repeat nor skip a sample:
 from __future__ import annotations
 
 import abc
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,7 +426,16 @@ class Loaders:
         self.train_sampler.set_position(epoch, sample_offset)
         return DataLoader(self.train_set, batch_size=self.train_sampler.micro_batch, sampler=self.train_sampler,
                           num_workers=self.num_workers, persistent_workers=False, pin_memory=False,
-                          drop_last=False, generator=_torch_generator(self.train_sampler.seed, _TRAIN_LOADER, epoch))
+                          drop_last=False, generator=_torch_generator(self.train_sampler.seed, _TRAIN_LOADER, epoch),
+                          worker_init_fn=_ignore_preemption_signals)
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """SLURM signals every process of a job, DataLoader workers included. A worker killed by that
+    SIGTERM would crash the training process in the middle of its preemption snapshot; workers exit
+    on their own when their parent does, so they simply ignore the preemption signals."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loaders(cfg: Config, rank: int, world_size: int, micro_batch: int, accum_steps: int) -> Loaders:
@@ -436,5 +446,6 @@ def build_loaders(cfg: Config, rank: int, world_size: int, micro_batch: int, acc
     # RNG, and the number of loaders a run creates (it differs after a restart) would shift training's RNG.
     val_loader = DataLoader(val_set, batch_size=micro_batch, sampler=ValSampler(len(val_set), rank, world_size),
                             num_workers=cfg.data.num_workers, persistent_workers=False, pin_memory=False,
-                            drop_last=False, generator=_torch_generator(cfg.run.seed, _VAL_LOADER))
+                            drop_last=False, generator=_torch_generator(cfg.run.seed, _VAL_LOADER),
+                            worker_init_fn=_ignore_preemption_signals)
     return Loaders(sampler, val_loader, train_set, cfg.data.num_workers)

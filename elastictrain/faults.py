@@ -4,7 +4,9 @@ Form: ``KIND@POINT=N[:rank=R]`` e.g. ``sigkill@step=5``, ``sigkill@saving=2:rank
 
 KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
        raise    the rank raises RuntimeError (a Python crash; @record writes the error file)
-       sigterm  the rank sends SIGTERM to itself (what torchrun/SLURM deliver on preemption)
+       sigterm  the rank sends SIGTERM to itself (what torchrun delivers on preemption)
+       groupterm the rank sends SIGTERM to its whole process group, DataLoader workers included
+                (what SLURM delivers: it signals every process of a job)
        hang     the rank SIGSTOPs itself (a frozen peer; others hit the collective timeout)
 POINT  step     right after optimizer step N completed
        saving   right after the snapshot after epoch N was started (async write in flight)
@@ -23,7 +25,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("sigkill", "raise", "sigterm", "hang")
+KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang")
 POINTS = ("step", "saving", "saved", "restore")
 _FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?$")
 
@@ -63,5 +65,8 @@ class FaultInjector:
             return  # already fired in an earlier attempt
         if f.kind == "raise":
             raise RuntimeError(f"injected fault {f.kind}@{point}={n} on rank {self.rank}")
+        if f.kind == "groupterm":
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+            return
         sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "hang": signal.SIGSTOP}[f.kind]
         os.kill(os.getpid(), sig)
