@@ -6,7 +6,9 @@ in between says where the new attempt started). Record kinds:
 
 - ``train``: epoch, step, loss, lr, sample_offset, world_size
 - ``val``: epoch, step, train_loss, val_loss, iou, dice, world_size
-- ``event``: event in {start, resume, preempted, snapshot, finished, world_size_change} plus its fields
+- ``event``: event in {start, resume, preempted, snapshot, finished, world_size_change} plus its fields;
+  start and resume carry ``run_attempt`` (0 for the first attempt of the run, counting every earlier start or
+  resume in the file) next to torchrun's ``attempt`` (its restart count, 0 again for every re-run command)
 
 Every record also has ``kind``, ``step`` (optimizer steps completed) and ``time`` (unix seconds).
 """
@@ -18,10 +20,12 @@ import logging
 import os
 import secrets
 import string
+import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +60,9 @@ class MetricsLogger:
     snapshot and the crash. So the logger keeps ``_next_wandb_step``, the lowest step wandb still accepts:
     train/val records below it stay out of wandb (they are still in the JSONL), events below it join the
     next row that goes out, and records sharing a step merge into one wandb row (explicit ``step``, no
-    ``commit``). When resuming into a run, that floor is one past the highest step in the JSONL, because
-    offline wandb cannot say where the run stopped and each JSONL line is written before its wandb.log.
+    ``commit``). When resuming into a run, that floor is one past the highest step in the run's wandb
+    transaction logs (offline wandb cannot say where the run stopped, and a killed attempt's last steps never
+    reached the disk); what the JSONL has beyond it, up to the snapshot resumed from, is logged first.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int, world_size: int) -> None:
@@ -84,28 +89,31 @@ class MetricsLogger:
         if self.rank != 0:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        new_id = self._start_wandb(run_id)
+        earlier = read_metrics(self.run_dir) if (self.run_dir / METRICS_FILE).exists() else []
         fields = dict(resumed or {})
         step = int(fields.pop("step", 0))
         fields.setdefault("world_size", self.world_size)
+        # torchrun's 'attempt' restarts at 0 for every re-run command: this counts attempts of the run itself.
+        fields["run_attempt"] = sum(_is_attempt_start(r) for r in earlier)
+        new_id = self._start_wandb(run_id, earlier, step if resumed else -1)
         self.log("event", step, event="resume" if resumed else "start", **fields)
         return new_id
 
-    def _start_wandb(self, run_id: str | None) -> str | None:
+    def _start_wandb(self, run_id: str | None, earlier: list[dict], resumed_step: int) -> str | None:
         mode = wandb_mode(self.cfg.metrics.wandb)
         if mode == "disabled":
             return None  # no import, no wandb directory, nothing
         import wandb
 
         new_id = run_id or _new_run_id()
-        # Online, a resumed run knows its next step; offline it always says 0, so when resuming into a run
-        # the JSONL (each line is written before its wandb.log) stands in for "what wandb has seen".
-        seen = _last_step(read_metrics(self.run_dir)) if run_id and (self.run_dir / METRICS_FILE).exists() else -1
         try:
             self._wandb_run = wandb.init(
                 project=self.cfg.metrics.project, name=self.cfg.run.name or self.run_dir.name,
                 dir=self.run_dir, id=new_id, resume="allow", config=to_dict(self.cfg), mode=mode)
-            self._next_wandb_step = max(int(self._wandb_run.step), seen + 1)
+            self._next_wandb_step = int(self._wandb_run.step)
+            if run_id:
+                self._next_wandb_step = max(self._next_wandb_step, self._wandb_has_seen(run_id, earlier) + 1)
+                self._backfill(earlier, resumed_step)
         except Exception as e:  # noqa: BLE001 - metrics must never take the training job down
             # Other ranks are already heading for a collective: rank 0 must not raise alone.
             log.error("wandb (%s) failed to start, going on without it: %s", mode, e)
@@ -114,6 +122,40 @@ class MetricsLogger:
         log.info("wandb %s run %s (next wandb step %d) in %s", mode, new_id, self._next_wandb_step,
                  self.run_dir / "wandb")
         return new_id
+
+    def _wandb_has_seen(self, run_id: str, earlier: list[dict]) -> int:
+        """The last step earlier attempts got into this run's wandb transaction logs (-1: none).
+
+        Offline, ``run.step`` of a resumed run is always 0; and a killed attempt's wandb-core dies with it,
+        losing whatever it had not yet written (it writes 32 KiB blocks), so the JSONL overstates what wandb
+        has. The transaction logs under RUN_DIR/wandb are the record. If they cannot be read, fall back to the
+        JSONL: a gap in the wandb curves is better than a step logged twice.
+        """
+        try:
+            return last_wandb_step(self.run_dir / "wandb", run_id)
+        except Exception as e:  # noqa: BLE001 - e.g. a wandb release that moved its protobuf module
+            log.warning("could not read the wandb transaction logs of run %s (%s); assuming wandb has every "
+                        "step in %s", run_id, e, METRICS_FILE)
+            return _last_step(earlier)
+
+    def _backfill(self, earlier: list[dict], resumed_step: int) -> None:
+        """Log to wandb what the JSONL has and wandb lost, up to the snapshot this attempt resumed from.
+
+        Steps after the snapshot are replayed by this attempt and logged live. Of a step logged by several
+        attempts, the last record of each kind wins (as in ``elastictrain plot``); events at a step all go out.
+        """
+        rows: dict[int, dict[str, Any]] = {}
+        for record in earlier:
+            step = record.get("step")
+            if isinstance(step, int) and self._next_wandb_step <= step <= resumed_step and "kind" in record:
+                values = {k: v for k, v in record.items() if k not in ("kind", "step", "time")}
+                rows.setdefault(step, {}).update(_wandb_row(record["kind"], values))
+        for step in sorted(rows):
+            self._wandb_run.log(rows[step], step=step)
+            self._next_wandb_step = step
+        if rows:
+            log.info("wandb: logged %d step(s) (%d-%d) from %s that earlier attempts could not", len(rows),
+                     min(rows), max(rows), METRICS_FILE)
 
     def log(self, kind: str, step: int, **values: float | int | str) -> None:
         """Record ``values`` at optimizer step ``step``: JSONL line, console line, and wandb on rank 0.
@@ -154,10 +196,9 @@ class MetricsLogger:
             log.info("%s step %d: %s", kind, step, shown)
 
     def _log_wandb(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        data = {f"{kind}/{k}": v for k, v in values.items() if _is_number(v)}
+        data = _wandb_row(kind, values)
         try:
             if kind == "event":
-                data[f"event/{values.get('event', 'unknown')}"] = 1
                 self._wandb_run.summary[f"event/last_{values.get('event', 'unknown')}"] = json.dumps(values)
             if step < self._next_wandb_step:
                 # Replayed after a resume: wandb has this step already. An event (the resume itself) rides
@@ -203,6 +244,66 @@ class MetricsLogger:
 def _new_run_id() -> str:
     # wandb's own id shape (8 lowercase letters and digits); chosen here so it can be returned and stored.
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _wandb_row(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A record as wandb keys: numeric fields as 'kind/key'; an event also as 'event/NAME' = 1."""
+    data = {f"{kind}/{k}": v for k, v in values.items() if _is_number(v)}
+    if kind == "event":
+        data[f"event/{values.get('event', 'unknown')}"] = 1
+    return data
+
+
+def last_wandb_step(wandb_dir: Path, run_id: str) -> int:
+    """The highest history step in run ``run_id``'s transaction logs under ``wandb_dir`` (-1: none).
+
+    Every attempt of a run writes its own ``offline-run-TIME-ID/run-ID.wandb`` (``run-TIME-ID`` online);
+    what ``wandb sync`` would upload from them is what wandb has.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    last = -1
+    for path in Path(wandb_dir).glob(f"*run-*-{run_id}/run-{run_id}.wandb"):
+        for payload in wandb_log_records(path.read_bytes()):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            if record.HasField("history"):
+                last = max(last, record.history.step.num)
+    return last
+
+
+_WANDB_LOG_BLOCK = 32768
+_WANDB_CHUNK_HEADER = 7  # crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)
+
+
+def wandb_log_records(data: bytes) -> Iterator[bytes]:
+    """The record payloads of a wandb transaction log (``run-ID.wandb``), up to the first bad chunk.
+
+    Layout (LevelDB's log format): a 7-byte header (':W&B', magic 0xBEE1, version), then 32 KiB blocks of
+    chunks, each a 7-byte chunk header and its bytes; the crc covers the type byte and the bytes. A process
+    killed mid-write leaves a short or unwritten tail, which ends the scan.
+    """
+    if data[:4] != b":W&B":
+        return
+    pos, payload = 7, b""
+    while pos + _WANDB_CHUNK_HEADER <= len(data):
+        room = _WANDB_LOG_BLOCK - pos % _WANDB_LOG_BLOCK
+        if room < _WANDB_CHUNK_HEADER:  # no room for a chunk header: the block is padded with zeroes
+            pos += room
+            continue
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        end = pos + _WANDB_CHUNK_HEADER + length
+        if kind not in (1, 2, 3, 4) or end > len(data) or zlib.crc32(data[pos + 6:end]) != crc:
+            return
+        chunk = data[pos + _WANDB_CHUNK_HEADER:end]
+        pos = end
+        payload = chunk if kind in (1, 2) else payload + chunk
+        if kind in (1, 4):
+            yield payload
+
+
+def _is_attempt_start(record: dict) -> bool:
+    return record.get("kind") == "event" and record.get("event") in ("start", "resume")
 
 
 def _is_number(v: Any) -> bool:
@@ -296,12 +397,15 @@ def _time_lost_to_restarts(records: list[dict]) -> float:
     return lost
 
 
-def write_summary(run_dir: Path, summary: dict) -> None:
+def write_summary(run_dir: Path, summary: dict) -> dict[str, Any]:
     """Write ``RUN_DIR/summary.json`` (:func:`summarize` overlaid with ``summary``) and log it for humans.
 
     Args:
         run_dir: the run directory holding metrics.jsonl.
         summary: what only the trainer knows, e.g. final_model and best_snapshot paths; wins over derived keys.
+
+    Returns:
+        The summary as written.
     """
     run_dir = Path(run_dir)
     full = {**summarize(run_dir), **summary}
@@ -317,6 +421,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
         f"{best:.4f}" if _is_number(best) else "n/a",
         f" (epoch {full['best_val_epoch']})" if full.get("best_val_epoch") is not None else "",
         full.get("final_model", "n/a"), full.get("best_snapshot", "n/a") or "n/a")
+    return full
 
 
 def _duration(seconds: float) -> str:

@@ -23,15 +23,15 @@ def _surviving(records: list[dict], kind: str, key: str) -> tuple[list[int], lis
 
 
 def _restarts(records: list[dict]) -> list[tuple[int, str, bool]]:
-    """(step, label, world size changed) for every resume event."""
+    """(step, label, world size changed) for every resume event, numbered in the order they happened."""
     marks = []
     world_size = None
     for r in records:
         if r.get("kind") == "event" and r.get("event") == "resume":
             new = r.get("world_size")
             changed = world_size is not None and new is not None and new != world_size
-            size = f"ws {world_size}\u2192{new}" if changed else f"ws {new}"
-            marks.append((r["step"], f"attempt {r.get('attempt', '?')}, {size}", changed))
+            size = f"world size {world_size}\u2192{new}" if changed else f"world size {new}"
+            marks.append((r["step"], f"resume {len(marks) + 1} at step {r['step']}, {size}", changed))
         if "world_size" in r:
             world_size = r["world_size"]
     return marks
@@ -70,8 +70,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         color = "tab:red" if changed else "tab:gray"
         for ax in (loss_ax, iou_ax):
             ax.axvline(step, ls="--", color=color, lw=1)
-        loss_ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
-                         ha="right", fontsize=8, color=color)
+        loss_ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-2, -4),
+                         textcoords="offset points", rotation=90, va="top", ha="right", fontsize=8, color=color,
+                         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7})
     for ax in (loss_ax, iou_ax):
         ax.grid(alpha=0.3)
         if ax.get_lines():

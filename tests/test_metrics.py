@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
 from elastictrain.config import Config
-from elastictrain.metrics import (MetricsLogger, progress, read_metrics, setup_logging, summarize, wandb_mode,
-                                  write_summary)
+from elastictrain.metrics import (MetricsLogger, last_wandb_step, progress, read_metrics, setup_logging, summarize,
+                                  wandb_log_records, wandb_mode, write_summary)
 from elastictrain.plot import main as plot_main
 from elastictrain.plot import plot_run
 
@@ -60,24 +61,39 @@ def read_wandb_file(path: Path) -> list:
     return records
 
 
-def wandb_history(run_dir: Path, run_id: str) -> list[tuple[str, dict[int, dict[str, float]]]]:
-    """[(run id in the file, {step: {key: value}})] for each offline run directory of ``run_id``, oldest first."""
+def wandb_history(run_dir: Path, run_id: str) -> list[tuple[str | None, dict[int, dict[str, float]]]]:
+    """[(run id in the file, {step: {key: value}})] for each offline run directory of ``run_id``, oldest first
+    (directories are named offline-run-YYYYMMDD_HHMMSS-ID). A killed attempt's file may hold no record at all."""
     runs = []
-    for path in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"):
+    for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         records = read_wandb_file(path)
         ids = [r.run.run_id for r in records if r.HasField("run")]
+        steps = [r.history.step.num for r in records if r.HasField("history")]
         rows = {r.history.step.num: {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                 for r in records if r.HasField("history")}
-        runs.append((ids[0], rows))
-    return sorted(runs, key=lambda run: min(row["_timestamp"] for row in run[1].values()))
+        assert len(rows) == len(steps), f"{path} has a step twice: {steps}"
+        runs.append((ids[0] if ids else None, rows))
+    return runs
+
+
+def resume_attempt(run_dir: Path, run_id: str) -> None:
+    """Attempt 2: resumed from step 3 at world size 4, replaying steps 4 and 5 with loss 100 + step."""
+    second = MetricsLogger(make_cfg("offline"), run_dir, rank=0, world_size=4)
+    assert second.start(run_id, dict(RESUMED)) == run_id
+    for step in range(4, 9):
+        second.log("train", step, epoch=1 + step // 6, loss=100.0 + step, lr=1e-3, sample_offset=0, world_size=4)
+    second.log("val", 8, epoch=2, train_loss=1.0, val_loss=0.9, iou=0.6, dice=0.7, world_size=4)
+    second.close({"best_val_loss": 0.9})
+    second.close()  # idempotent
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     """A run logged by two offline attempts: steps 1-5 at world size 2, then resumed from step 3 at 4.
 
-    Attempt 2 replays steps 4 and 5 (logging loss 100 + step so the replay is recognisable). Built once:
-    wandb start-up is the slow part of this file.
+    'clean': attempt 1 closed its wandb run. 'killed': the same, but attempt 1's transaction log is cut back
+    to its header, as a SIGKILL leaves it (wandb-core dies with the trainer before writing its block).
+    Built once: wandb start-up is the slow part of this file.
     """
     root = tmp_path_factory.mktemp("resumed")
     run_dir = root / "run"
@@ -91,15 +107,18 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
                 first.log("event", step, event="snapshot", epoch=1, snapshot="snapshots/step_3")
         first.log("val", 5, epoch=1, train_loss=2.0, val_loss=1.5, iou=0.4, dice=0.5, world_size=2)
         first.close()
+        killed = root / "killed"
+        shutil.copytree(run_dir, killed, symlinks=True)
+        (log_file,) = killed.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+        log_file.write_bytes(log_file.read_bytes()[:7])
+        resume_attempt(run_dir, run_id)
+        resume_attempt(killed, run_id)
+    return {"clean": (run_dir, run_id), "killed": (killed, run_id)}
 
-        second = MetricsLogger(make_cfg("offline"), run_dir, rank=0, world_size=4)
-        assert second.start(run_id, dict(RESUMED)) == run_id
-        for step in range(4, 9):
-            second.log("train", step, epoch=1 + step // 6, loss=100.0 + step, lr=1e-3, sample_offset=0, world_size=4)
-        second.log("val", 8, epoch=2, train_loss=1.0, val_loss=0.9, iou=0.6, dice=0.7, world_size=4)
-        second.close({"best_val_loss": 0.9})
-        second.close()  # idempotent
-    return run_dir, run_id
+
+@pytest.fixture(scope="module")
+def resumed_run(resumed_runs: dict[str, tuple[Path, str]]) -> tuple[Path, str]:
+    return resumed_runs["clean"]
 
 
 def test_offline_resume_writes_into_the_same_run(resumed_run: tuple[Path, str]) -> None:
@@ -122,13 +141,40 @@ def test_wandb_steps_strictly_increase_across_a_resume(resumed_run: tuple[Path, 
     assert second[8]["val/iou"] == 0.6
 
 
+def test_a_killed_attempts_lost_steps_reach_wandb_from_the_jsonl(resumed_runs: dict[str, tuple[Path, str]]) -> None:
+    run_dir, run_id = resumed_runs["killed"]
+    (_, first), (_, second) = wandb_history(run_dir, run_id)
+    assert first == {}, "attempt 1's transaction log lost everything"
+    assert sorted(second) == [0, 1, 2, 3, 4, 5, 6, 7, 8], "attempt 2 logs steps 0-3 from the JSONL, then its own"
+    assert [second[s]["train/loss"] for s in (1, 2, 3)] == [1.0, 2.0, 3.0], "attempt 1's values, from the JSONL"
+    assert second[3]["event/snapshot"] == 1 and second[3]["event/resume"] == 1
+    assert second[0]["event/start"] == 1
+    assert [second[s]["train/loss"] for s in (4, 5)] == [104.0, 105.0], "steps after the snapshot: the replay"
+    assert "val/val_loss" not in second[5], "attempt 1's step 5 was after the snapshot: not back-filled"
+
+
+def test_wandb_log_reader_stops_cleanly_at_a_torn_tail(resumed_run: tuple[Path, str]) -> None:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run_dir, run_id = resumed_run
+    for path in (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
+        data = path.read_bytes()
+        full = list(wandb_log_records(data))
+        assert [pb.Record.FromString(payload) for payload in full] == read_wandb_file(path)
+        for cut in range(7, len(data), 97):
+            assert full[:len(list(wandb_log_records(data[:cut])))] == list(wandb_log_records(data[:cut]))
+        assert last_wandb_step(run_dir / "wandb", run_id) == 8
+    assert last_wandb_step(run_dir / "wandb", "nosuchid") == -1
+
+
 def test_jsonl_keeps_every_record_of_both_attempts(resumed_run: tuple[Path, str]) -> None:
     run_dir, _ = resumed_run
     records = read_metrics(run_dir)
     events = [r for r in records if r["kind"] == "event"]
     assert [e["event"] for e in events] == ["start", "snapshot", "resume"]
-    assert events[2] == {"kind": "event", "step": 3, "time": events[2]["time"], "event": "resume", **{
-        k: v for k, v in RESUMED.items() if k != "step"}}
+    assert events[0]["run_attempt"] == 0
+    assert events[2] == {"kind": "event", "step": 3, "time": events[2]["time"], "event": "resume", "run_attempt": 1,
+                         **{k: v for k, v in RESUMED.items() if k != "step"}}
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
     assert all(r["time"] > 0 for r in records)
 
