@@ -1,0 +1,140 @@
+"""Recovery time under torchrun: kill to first resumed training step, against a cold start of the same command.
+
+    python bench/bench_recovery.py                 # 3 trials of each scenario, tiny config, CPU/gloo
+    python bench/bench_recovery.py --trials 5 --out bench/recovery.json
+
+Scenarios (each trial is one fresh job in its own directory; cold start and recovery come from the same job):
+  worker crash  one torchrun, 2 workers, --max-restarts 3; worker rank 1 is SIGKILLed at step >= 6.
+  node loss     two torchrun agents (--nnodes 1:2, c10d on a file store, the notes' --rdzv-conf), one worker
+                each; the node running global rank 0 (agent and worker) is SIGKILLed at step >= 6; the other
+                agent continues at world size 1.
+
+cold start = command launched -> its first training step (metrics.jsonl ``time``);
+recovery   = kill -> the first training step logged after the resume (any replayed step counts: it is the
+             first step the recovered job completes). Target: recovery <= 1.5 x cold start, as medians.
+
+Settings as in launch/: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, OMP_NUM_THREADS=1. The machine's load is
+printed with the table, because on 2 shared cores both numbers move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from elastic_util import Jobs, descendants, kill_tree, read_records, torchrun_cmd, wait_for_record, worker_env  # noqa: E402
+from helpers import tiny_args  # noqa: E402
+
+TARGET = 1.5
+
+
+def is_train(r: dict[str, Any], world_size: int | None = None, min_step: int = 0) -> bool:
+    return r["kind"] == "train" and r["step"] >= min_step and world_size in (None, r["world_size"])
+
+
+def worker_of_rank(agent_pid: int, rank: str) -> int:
+    return next(pid for pid in descendants(agent_pid) if worker_env(pid, "RANK") == rank)
+
+
+def first_step_after_resume(run_dir: Path, timeout: float) -> dict[str, Any]:
+    def after_resume(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+        resumed = False
+        for r in records:
+            resumed = resumed or (r["kind"] == "event" and r.get("event") == "resume")
+            if resumed and r["kind"] == "train":
+                return r
+        return None
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = after_resume(read_records(run_dir))
+        if found:
+            return found
+        time.sleep(0.02)
+    raise TimeoutError(f"no resumed step in {run_dir} after {timeout}s")
+
+
+def worker_crash(root: Path) -> tuple[float, float]:
+    jobs, run_dir = Jobs(root), root / "run"
+    try:
+        launched = time.time()
+        agent = jobs.start(torchrun_cmd(tiny_args(run_dir), root, nproc=2), "agent")
+        first = wait_for_record(run_dir, is_train, 300, "first step", agent)
+        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
+        victim = worker_of_rank(agent.pid, "1")
+        killed = time.time()
+        os.kill(victim, 9)
+        resumed = first_step_after_resume(run_dir, 300)
+        jobs.wait(agent, 300, "agent")
+        return first["time"] - launched, resumed["time"] - killed
+    finally:
+        jobs.cleanup()
+
+
+def node_loss(root: Path) -> tuple[float, float]:
+    jobs, run_dir, rdzv_id = Jobs(root), root / "run", uuid.uuid4().hex[:12]
+    try:
+        launched = time.time()
+        agents = [jobs.start(torchrun_cmd(tiny_args(run_dir), root, nnodes="1:2", rdzv_id=rdzv_id), f"node-{i}")
+                  for i in range(2)]
+        first = wait_for_record(run_dir, is_train, 300, "first step")
+        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6")
+        lost = next(a for a in agents if any(worker_env(p, "RANK") == "0" for p in descendants(a.pid)))
+        killed = time.time()
+        kill_tree(lost.pid)
+        resumed = first_step_after_resume(run_dir, 300)
+        assert resumed["world_size"] == 1, resumed
+        survivor = next(a for a in agents if a is not lost)
+        jobs.wait(survivor, 300, "survivor")
+        return first["time"] - launched, resumed["time"] - killed
+    finally:
+        jobs.cleanup()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--scenarios", default="worker crash,node loss")
+    args = parser.parse_args()
+    os.environ.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    scenarios = {"worker crash": worker_crash, "node loss": node_loss}
+    results: dict[str, list[tuple[float, float]]] = {}
+    for name in [s.strip() for s in args.scenarios.split(",")]:
+        results[name] = []
+        for trial in range(args.trials):
+            with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
+                cold, recovery = scenarios[name](Path(tmp))
+            results[name].append((cold, recovery))
+            print(f"{name} trial {trial + 1}: cold start {cold:.2f}s, recovery {recovery:.2f}s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"\nrecovery: kill -> first resumed step, vs launch -> first step; medians of {args.trials} "
+          f"(min-max); {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{'scenario':<14}{'cold start s':>20}{'recovery s':>20}{'ratio':>8}   target <= {TARGET}")
+    summary = {}
+    for name, runs in results.items():
+        cold, rec = [c for c, _ in runs], [r for _, r in runs]
+        ratio = statistics.median(rec) / statistics.median(cold)
+        summary[name] = {"cold_start_s": cold, "recovery_s": rec, "ratio_of_medians": ratio}
+        print(f"{name:<14}{_cell(cold):>20}{_cell(rec):>20}{ratio:>8.2f}   {'ok' if ratio <= TARGET else 'MISSED'}")
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cell(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
