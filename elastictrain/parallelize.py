@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from elastictrain.dist import DistContext
@@ -91,6 +91,17 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def empty_shards(model: nn.Module, world_size: int) -> dict[str, int]:
+    """Parameters (name -> rows) of which FSDP2 leaves some rank no rows at this world size: it cuts dim 0
+    into chunks of ceil(rows / world size), so a 4-class head's 4 rows over 3 ranks give the third none."""
+    empty = {}
+    for name, param in model.named_parameters():
+        rows = param.shape[0] if param.dim() else 1
+        if -(-rows // world_size) * (world_size - 1) >= rows:
+            empty[name] = rows
+    return empty
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under a DDP wrapper (FSDP2 shards in place, so it is its own root)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
@@ -102,18 +113,20 @@ def grad_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextMana
         return contextlib.nullcontext()
     if isinstance(model, DistributedDataParallel):
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if isinstance(model, FSDPModule):
         return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+def _fsdp_no_sync(model: FSDPModule) -> Iterator[None]:
+    # Recursive: every FSDP unit keeps its unsharded gradient and skips the reduce-scatter until the last
+    # micro-batch, which reduces the accumulated sum once.
+    model.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+        model.set_requires_gradient_sync(True)
 
 
 def sync_buffers(model: nn.Module, distributed: bool) -> None:
@@ -121,7 +134,8 @@ def sync_buffers(model: nn.Module, distributed: bool) -> None:
 
     They drift per rank (each sees its own batches), and a snapshot stores them once as replicated
     state, written by whichever rank the engine picks: unsynchronized, a restore would mix ranks'
-    values. DDP copies rank 0's buffers at every forward anyway, so this changes no trajectory there.
+    values. DDP copies rank 0's buffers at every forward anyway, so this changes no trajectory there;
+    FSDP2 leaves buffers unsharded and never synchronizes them, so this is where they are made to agree.
     """
     if not distributed:
         return
