@@ -18,8 +18,9 @@
 #
 # Timing choices for tests (see /work/shared/notes/slurm.md): KillWait=10 is the SIGTERM->SIGKILL
 # grace; cred_expire=5 lets a requeued job start again within seconds (default 120 s); the scheduler
-# runs every second; partition `high` preempts `debug` by requeueing it, after GraceTime=10 s, and
-# the preempted job first gets its --signal (USR1 for train.sh) thanks to preempt_send_user_signal.
+# runs every second. Partition `high` preempts `debug` by requeueing its jobs: the preempted job first
+# gets its --signal (USR1 for train.sh, thanks to preempt_send_user_signal), then SIGTERM after
+# GraceTime=30 s if it is still running.
 set -euo pipefail
 
 ACTION=${1:-}
@@ -30,6 +31,7 @@ CONF=$STATE_DIR/slurm.conf
 SYSTEM_CONF=/etc/slurm/slurm.conf
 MARKER="# written by elastictrain slurm/cluster.sh"
 SBIN="/usr/sbin /usr/bin /sbin /bin"
+CONF_CHANGED=0
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -39,7 +41,7 @@ pid_alive() {
     local pidfile=$1 name=$2 pid
     [[ -s $pidfile ]] || return 1
     pid=$(<"$pidfile")
-    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/comm ]] && [[ $(</proc/$pid/comm) == "$name" ]]
+    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/comm ]] && [[ $(<"/proc/$pid/comm") == "$name" ]]
 }
 
 install_packages() {
@@ -50,7 +52,6 @@ install_packages() {
     fi
     log "installing ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # Package scripts must not try to start services (there is no init system to talk to).
     if ! apt-get install -y --no-install-recommends "${pkgs[@]}" >"$STATE_DIR/apt.log" 2>&1; then
         log "install failed; running apt-get update and retrying"
         apt-get update >>"$STATE_DIR/apt.log" 2>&1 || true
@@ -102,10 +103,15 @@ PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NODE_CPUS State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
 PartitionName=high Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=10
 EOF
-    mv "$CONF.tmp" "$CONF"
+    if [[ -f $CONF ]] && cmp -s "$CONF.tmp" "$CONF"; then
+        rm "$CONF.tmp"
+    else
+        mv "$CONF.tmp" "$CONF"
+        CONF_CHANGED=1
+    fi
     if [[ ! -e $SYSTEM_CONF ]] || grep -qF "$MARKER" "$SYSTEM_CONF"; then
         mkdir -p "$(dirname "$SYSTEM_CONF")"
         cp "$CONF" "$SYSTEM_CONF.tmp" && mv "$SYSTEM_CONF.tmp" "$SYSTEM_CONF"
@@ -130,7 +136,7 @@ start_munge() {
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     chmod 0755 /run/munge
     rm -f /run/munge/munged.pid
-    runuser -u munge -- munged --pid-file=/run/munge/munged.pid \
+    runuser -u munge -- munged --pid-file=/run/munge/munged.pid 9>&- \
         || die "munged failed to start; see /var/log/munge/munged.log"
     local _
     for _ in $(seq 50); do
@@ -148,14 +154,14 @@ start_daemon() {
     if pid_alive "$pidfile" "$name"; then
         return
     fi
-    setsid "$@" </dev/null >>"$STATE_DIR/$name.out" 2>&1 &
+    setsid "$@" </dev/null >>"$STATE_DIR/$name.out" 2>&1 9>&- &
     echo $! >"$pidfile"
     sleep 0.5
     pid_alive "$pidfile" "$name" || { tail -n 20 "$STATE_DIR/$name.out" "$STATE_DIR/$name.log" >&2 2>/dev/null
         die "$name exited at start; see $STATE_DIR/$name.log"; }
 }
 
-node_state() { SLURM_CONF=$CONF sinfo -h -n localhost -o %t 2>/dev/null | head -n 1; }
+node_state() { { SLURM_CONF=$CONF sinfo -h -n localhost -o %t 2>/dev/null || true; } | head -n 1; }
 
 wait_idle() {
     local deadline=$((SECONDS + START_TIMEOUT)) state=
@@ -171,19 +177,27 @@ wait_idle() {
         done
         sleep 0.5
     done
-    die "node localhost not idle after ${START_TIMEOUT}s (state '${state:-no answer from slurmctld}'); see $STATE_DIR/slurmctld.log and slurmd.log"
+    die "node localhost not idle after ${START_TIMEOUT}s (state '${state:-no answer from slurmctld}');" \
+        "see $STATE_DIR/slurmctld.log and slurmd.log"
 }
 
 do_start() {
     [[ $(id -u) == 0 ]] || die "must run as root (the daemons run as root; no systemd is used)"
     local t0=$SECONDS
     mkdir -p "$STATE_DIR"
+    local daemons_were_running=0
+    pid_alive "$STATE_DIR/slurmctld.pid" slurmctld && daemons_were_running=1
     install_packages
     write_conf
     start_munge
     start_daemon slurmctld slurmctld -D -i -f "$CONF"
     start_daemon slurmd slurmd -D -N localhost -f "$CONF"
     wait_idle
+    if ((CONF_CHANGED)) && ((daemons_were_running)); then
+        # Partitions and scheduler settings apply on reconfigure; node changes need stop + start.
+        SLURM_CONF=$CONF scontrol reconfigure || die "scontrol reconfigure failed after slurm.conf changed"
+        log "slurm.conf changed: reconfigured the running daemons"
+    fi
     log "node localhost $(node_state) after $((SECONDS - t0))s (state in $STATE_DIR, SLURM_CONF=$CONF)"
 }
 
@@ -211,11 +225,11 @@ do_stop() {
     [[ $(id -u) == 0 ]] || die "must run as root"
     if pid_alive "$STATE_DIR/slurmctld.pid" slurmctld; then
         local ids _
-        ids=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null || true)
-        if [[ -n $ids ]]; then
+        mapfile -t ids < <(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null || true)
+        if ((${#ids[@]})); then
             # SIGKILL first: a test cluster being torn down has no use for graceful snapshots.
-            SLURM_CONF=$CONF scancel --full --signal=KILL $ids >/dev/null 2>&1 || true
-            SLURM_CONF=$CONF scancel $ids >/dev/null 2>&1 || true
+            SLURM_CONF=$CONF scancel --full --signal=KILL "${ids[@]}" >/dev/null 2>&1 || true
+            SLURM_CONF=$CONF scancel "${ids[@]}" >/dev/null 2>&1 || true
         fi
         # Let slurmd reap the job steps before it goes away.
         for _ in $(seq 100); do
@@ -238,16 +252,29 @@ do_status() {
             echo "$d: not running (from $STATE_DIR)"
         fi
     done
-    munge_works && echo "munge: ok" || { echo "munge: not working"; ok=1; }
-    local state
-    state=$(node_state)
+    if munge_works; then
+        echo "munge: ok"
+    else
+        echo "munge: not working"
+        ok=1
+    fi
+    local state=
+    # sinfo waits out its message timeout (~10 s) when no controller runs: ask only a live one.
+    pid_alive "$STATE_DIR/slurmctld.pid" slurmctld && state=$(node_state)
     echo "node localhost: ${state:-no answer}"
     [[ $state =~ ^(idle|mix|alloc|comp)$ ]] || ok=1
-    SLURM_CONF=$CONF squeue 2>/dev/null || true
+    [[ -n $state ]] && { SLURM_CONF=$CONF squeue 2>/dev/null || true; }
     return $ok
 }
 
 export PATH="$PATH:${SBIN// /:}"
+if [[ $ACTION == start || $ACTION == stop ]]; then
+    mkdir -p "$STATE_DIR"
+    exec 9>"$STATE_DIR/lock"
+    # Two concurrent starts (two test sessions) must not both launch daemons. The daemons must not
+    # inherit fd 9, or they would hold this lock for as long as they run.
+    flock -w 120 9 || die "another cluster.sh has held $STATE_DIR/lock for 120 s"
+fi
 case $ACTION in
     start) do_start ;;
     stop) do_stop ;;

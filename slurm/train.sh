@@ -5,8 +5,9 @@
 #   NPROC_PER_NODE=2 sbatch --nodes=2 --time=4:00:00 slurm/train.sh --config configs/my.yaml
 #
 # Submit from the repository root (the job runs `python -m elastictrain` in the submit directory) or
-# install the package. Everything after the script name goes to the trainer. Without --run.dir the run
-# directory is runs/slurm-<job id>; the job id survives requeues, so a requeued job finds its snapshots.
+# install the package. Everything after the script name goes to the trainer. The run directory is
+# --run.dir, else run.dir from the --config file, else runs/slurm-<job id> (relative paths are relative
+# to the submit directory); the job id survives requeues, so a requeued job finds its snapshots.
 # The trainer always resumes from the latest complete snapshot in its run directory, so "requeue" is
 # simply "run the same command again".
 #
@@ -17,7 +18,10 @@
 #                        workers); the workers snapshot at the next step boundary and exit 75, torchrun
 #                        exits (status 1). Then this script runs `scontrol requeue`: SLURM
 #                        would NOT requeue a job that reaches its time limit (it ends TIMEOUT), even with
-#                        --requeue. A trainer that exits 0 (training finished) is never requeued.
+#                        --requeue. A trainer that exits 0 (training finished) is never requeued; one
+#                        that fails without a snapshot request is not requeued either (no crash loop).
+#                        A USR1 that arrives while the workers are still starting (before the trainer
+#                        installs its handlers) ends them without a snapshot; the job still requeues.
 #   TERM to everything   `scontrol requeue`, preemption after GraceTime, scancel: slurmstepd signals
 #                        every process of the job itself; the workers snapshot and exit, and this script
 #                        only waits (a TERM from us would make srun SIGKILL the step, see below).
@@ -44,7 +48,9 @@
 #SBATCH --output=%x-%j.out
 # USR1 to this shell (B:) 90 s before the time limit. SLURM checks limits every 30 s, so it comes
 # 90-120 s early. The window must hold a snapshot (preemption.deadline_s, 25 s by default), torchrun's
-# worker shutdown and the requeue call; raise it for large models or slow filesystems.
+# worker shutdown and the requeue call; raise it for large models or slow filesystems. Keep --time well
+# above start-up time + the warning: a requeued run starts in step with the 30 s cycle, so with a tiny
+# limit every run can be warned at the same moment, before it has trained a step (seen with --time=1).
 #SBATCH --signal=B:USR1@90
 # Set a --time on the command line or here; the partition's limit applies otherwise.
 set -uo pipefail
@@ -58,6 +64,7 @@ warned=0      # USR1 received: snapshot, then requeue ourselves
 terminated=0  # TERM received: SLURM is requeueing or cancelling the job itself
 child=
 
+# shellcheck disable=SC2317  # (trap handlers)
 on_warning() {
     if ((warned)); then
         return  # one snapshot request is enough; a second USR1 would interrupt torchrun's shutdown
@@ -67,6 +74,7 @@ on_warning() {
     [[ -n $child ]] && kill -USR1 "$child" 2>/dev/null
 }
 
+# shellcheck disable=SC2317
 on_term() {
     terminated=1
     log "TERM: SLURM is ending this run (requeue, preemption or cancel); waiting for the trainer's snapshot"
@@ -75,9 +83,25 @@ on_term() {
 trap on_warning USR1
 trap on_term TERM
 
+# Check the configuration once, here, rather than in every worker (and every torchrun restart), and find
+# the run directory: --run.dir, else the config file's run.dir, else runs/slurm-<job id>.
 args=("$@")
-if [[ " ${args[*]-} " != *" --run.dir "* && " ${args[*]-} " != *" --run.dir="* ]]; then
-    args+=(--run.dir "runs/slurm-${SLURM_JOB_ID}")
+if ! run_dir=$("$PY" -c '
+import sys
+from elastictrain.config import Config, load_config
+try:
+    cfg = load_config(sys.argv[1:])
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(str(e))
+explicit = any(a == "--run.dir" or a.startswith("--run.dir=") for a in sys.argv[1:])
+print(cfg.run.dir if explicit or cfg.run.dir != Config().run.dir else "")
+' "${args[@]}"); then
+    log "the trainer configuration is invalid (above); not starting, not requeueing"
+    exit 2
+fi
+if [[ -z $run_dir ]]; then
+    run_dir=runs/slurm-${SLURM_JOB_ID}
+    args+=(--run.dir "$run_dir")
 fi
 
 nnodes=${SLURM_NNODES:-1}
@@ -91,13 +115,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 log "job ${SLURM_JOB_ID:-?} restart ${restart} on $(hostname): ${nnodes} node(s) x ${nproc} worker(s)," \
-    "rendezvous ${head_node}:${port}, run: ${args[*]}"
+    "rendezvous ${head_node}:${port}, run dir ${run_dir}, trainer args: ${args[*]}"
 
 torchrun=("$PY" -m torch.distributed.run
     --nnodes "$nnodes" --nproc-per-node "$nproc"
     --rdzv-backend c10d --rdzv-endpoint "${head_node}:${port}" --rdzv-id "${SLURM_JOB_ID:-local}"
     --max-restarts "${MAX_RESTARTS:-3}"
-    --signals-to-handle SIGTERM,SIGINT,SIGUSR1
+    --signals-to-handle "SIGTERM,SIGINT,SIGUSR1"
     -m elastictrain "${args[@]}")
 
 rc=75
@@ -128,7 +152,8 @@ if ((warned || rc == 75)); then
     if scontrol requeue "${SLURM_JOB_ID}"; then
         exit 0
     fi
-    log "scontrol requeue failed: resubmit the same command to resume"
+    log "scontrol requeue failed (SLURM may be requeueing a preempted job itself); if job ${SLURM_JOB_ID}" \
+        "does not come back, resubmit the same command to resume"
     exit 75
 fi
 log "trainer failed with exit ${rc}; not requeueing (fix the error, then resubmit to resume)"
