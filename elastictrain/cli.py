@@ -59,7 +59,12 @@ def run_training(cfg: Config) -> int:
 
     from elastictrain.dist import init_distributed, teardown
     from elastictrain.metrics import setup_logging
+    from elastictrain.preemption import Preemption
 
+    # Handlers first: start-up (rendezvous, model, restore) can take many seconds, and a preemption signal
+    # arriving then must become a snapshot at the first step boundary rather than kill the process.
+    preemption = Preemption(cfg.preemption)
+    preemption.install()
     ctx = trainer = None
     try:
         ctx = init_distributed(cfg)
@@ -67,11 +72,13 @@ def run_training(cfg: Config) -> int:
         setup_logging(Path(cfg.run.dir), ctx.rank)
         from elastictrain.trainer import Trainer
 
-        trainer = Trainer(cfg, ctx)
+        trainer = Trainer(cfg, ctx, preemption)
         return trainer.train()
     finally:
         if trainer is not None:
             trainer.close()
+        else:
+            preemption.uninstall()
         teardown(ctx)
 
 

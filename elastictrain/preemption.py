@@ -37,7 +37,7 @@ class Preemption:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if self._previous or threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for name in self.cfg.signals:
             sig = signal.Signals[name]

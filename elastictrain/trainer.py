@@ -61,7 +61,7 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run.dir)
         self.state = TrainState(config=to_dict(cfg), world_size=ctx.world_size)
@@ -91,7 +91,7 @@ class Trainer:
         self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, self.faults)
         self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
         self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
-        self.preemption = Preemption(cfg.preemption)
+        self.preemption = preemption or Preemption(cfg.preemption)
         self.snapshot_step = -1
         """Step of the last snapshot this process started; a preemption at that very step needs no second one."""
         self.started = time.time()
