@@ -21,6 +21,7 @@ COMMIT = "COMMIT.json"
 BEST = "BEST.json"
 FORMAT = 1
 _NAME = re.compile(r"^epoch(?P<epoch>\d+)-step(?P<step>\d+)$")
+_ASIDE = re.compile(r"^epoch\d+-step\d+\.(?P<why>damaged|superseded)-\d+$")
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -30,6 +31,14 @@ def snapshot_name(epoch: int, step: int) -> str:
 
 def is_snapshot_name(name: str) -> bool:
     return _NAME.match(name) is not None
+
+
+def parse_name(name: str) -> tuple[int, int]:
+    """(epoch, step) of a snapshot directory name."""
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a snapshot name like {snapshot_name(3, 120)!r}")
+    return int(m["epoch"]), int(m["step"])
 
 
 @dataclass
@@ -48,9 +57,12 @@ class SnapshotInfo:
 
     @property
     def order(self) -> tuple[int, int]:
-        m = _NAME.match(self.name)
-        assert m is not None
-        return int(m["step"]), int(m["epoch"])
+        epoch, step = parse_name(self.name)
+        return step, epoch
+
+    @property
+    def tier(self) -> str:
+        return self.commit["tier"] if self.commit else "incomplete"
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -121,12 +133,14 @@ def verify(snapshot: Path, commit: dict[str, Any], marker: str) -> str | None:
         path = snapshot / rel
         try:
             size = path.stat().st_size
+            if size != expect["size"]:
+                return f"{path}: size {size} bytes, expected {expect['size']} (truncated or rewritten)"
+            if file_digest(path) != expect["sha256"]:
+                return f"{path}: checksum mismatch (bytes changed after the snapshot was committed)"
         except FileNotFoundError:
             return f"{path}: missing"
-        if size != expect["size"]:
-            return f"{path}: size {size} bytes, expected {expect['size']} (truncated or rewritten)"
-        if file_digest(path) != expect["sha256"]:
-            return f"{path}: checksum mismatch (bytes changed after the snapshot was committed)"
+        except OSError as e:
+            return f"{path}: unreadable ({e})"
     return None
 
 
@@ -145,11 +159,36 @@ def read_best(root: Path) -> dict[str, Any] | None:
         return None
 
 
+def best_snapshot(snapshots: list[SnapshotInfo]) -> SnapshotInfo | None:
+    """The newest complete snapshot whose commit record says it was the best so far.
+
+    The commit records, not BEST.json, are the truth: a crash between a commit and the BEST.json
+    update cannot lose track of the best snapshot (BEST.json is rewritten from them)."""
+    return next((s for s in snapshots if s.complete and s.commit.get("is_best")), None)  # type: ignore[union-attr]
+
+
 def retention_victims(snapshots: list[SnapshotInfo], keep: int, best: str | None) -> list[SnapshotInfo]:
-    """Complete rolling snapshots beyond the newest ``keep``; permanent and best are never victims."""
+    """Complete rolling snapshots beyond the newest ``keep`` (``snapshots`` newest first, as from
+    :func:`list_snapshots`); permanent ones, ``best`` and incomplete ones are never victims."""
     rolling = [s for s in snapshots if s.complete and s.commit["tier"] == "rolling"]  # type: ignore[index]
     return [s for s in rolling[keep:] if s.name != best]
 
 
+def aside_dirs(root: Path) -> list[tuple[Path, str]]:
+    """Snapshots moved aside by a resume ('damaged' or 'superseded'), kept for a human to look at."""
+    if not root.is_dir():
+        return []
+    found = [(p, m["why"]) for p in root.iterdir() if p.is_dir() and (m := _ASIDE.match(p.name))]
+    return sorted(found)
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

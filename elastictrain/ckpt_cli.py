@@ -1,0 +1,186 @@
+"""``elastictrain ckpt``: look at, export and tidy the snapshots of a run, with no training job running.
+
+    elastictrain ckpt list RUN_DIR [--verify]      every snapshot: tier, epoch, step, complete, verified, val loss, size
+    elastictrain ckpt inspect SNAPSHOT             counters, best val loss, history, world size, engine, config
+    elastictrain ckpt export SNAPSHOT OUT.pt       plain state dict for inference (torch.load(weights_only=True))
+    elastictrain ckpt clean RUN_DIR [--yes]        keep best, permanent and the newest complete; a dry run unless --yes
+
+Everything runs at world size 1 on CPU without a process group, whatever world size wrote the snapshot.
+Exit status: 0 done, 1 a snapshot is damaged or unreadable, 2 a usage error or a missing path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from elastictrain import manifest
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastictrain ckpt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list the snapshots of a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--verify", action="store_true", help="hash every file against the commit manifest")
+    p = sub.add_parser("inspect", help="what a snapshot holds besides tensors")
+    p.add_argument("snapshot", type=Path)
+    p.add_argument("--full-config", action="store_true", help="print the whole stored config")
+    p = sub.add_parser("export", help="write the model weights as a plain state dict")
+    p.add_argument("snapshot", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check before reading")
+    p = sub.add_parser("clean", help="delete rolling snapshots no resume needs (dry run unless --yes)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--yes", action="store_true", help="really delete (default: only print the plan)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run one ``ckpt`` subcommand; returns the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage (or --help)
+        return int(e.code or 0)
+    try:
+        return {"list": list_snapshots, "inspect": inspect, "export": export, "clean": clean}[args.command](args)
+    except FileNotFoundError as e:
+        sys.stderr.write(f"elastictrain ckpt {args.command}: {e}\n")
+        return 2
+    except ValueError as e:
+        sys.stderr.write(f"elastictrain ckpt {args.command}: {e}\n")
+        return 1
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def list_snapshots(args: argparse.Namespace) -> int:
+    from elastictrain.checkpoint import snapshots_root
+    from elastictrain.engines import build_engine
+
+    root = snapshots_root(args.run_dir)
+    snapshots = manifest.list_snapshots(root)
+    best = manifest.best_snapshot(snapshots)
+    rows = [["", "SNAPSHOT", "TIER", "EPOCH", "STEP", "STATE", "VERIFIED", "VAL LOSS", "SIZE"]]
+    problems: list[str] = []
+    for snap in reversed(snapshots):  # oldest first, like a log
+        epoch, step = manifest.parse_name(snap.name)
+        verified = "-"
+        if snap.complete:
+            verified = "not checked"
+            if args.verify:
+                problem = manifest.verify(snap.path, snap.commit, build_engine(snap.commit["engine"]).marker)
+                verified = "ok" if problem is None else "DAMAGED"
+                if problem:
+                    problems.append(problem)
+        val = snap.commit.get("val_loss") if snap.commit else None
+        rows.append(["*" if best is not None and snap.name == best.name else "", snap.name, snap.tier,
+                     str(epoch), str(step), "complete" if snap.complete else "INCOMPLETE", verified,
+                     "-" if val is None else f"{val:.4f}", manifest.human_size(manifest.dir_size(snap.path))])
+    _out(f"{root}: {len(snapshots)} snapshot(s)")
+    if snapshots:
+        _table(rows)
+        _out("(* = best by validation loss)" if best else "(no best snapshot yet)")
+    for path, why in manifest.aside_dirs(root):
+        _out(f"moved aside ({why}): {path.name}, {manifest.human_size(manifest.dir_size(path))}")
+    for problem in problems:
+        _out(f"DAMAGED: {problem}")
+    return 1 if problems else 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from elastictrain.checkpoint import open_snapshot, read_snapshot_state
+
+    path: Path = args.snapshot
+    commit = open_snapshot(path, verify=False)  # reading TrainState alone: the engine's own checks suffice
+    state = read_snapshot_state(path, commit)
+    best = "none yet" if state.best_val_loss == float("inf") else f"{state.best_val_loss:.4f}"
+    mid = f" (mid-epoch: {state.sample_offset} samples into epoch {state.epoch + 1})" if state.sample_offset else ""
+    fields = [
+        ("snapshot", str(path)),
+        ("engine", commit["engine"]),
+        ("tier", commit["tier"]),
+        ("committed", datetime.fromtimestamp(commit["committed_at"]).isoformat(timespec="seconds")),
+        ("files", f"{len(commit['files'])}, {manifest.human_size(sum(f['size'] for f in commit['files'].values()))}"),
+        ("epoch", f"{state.epoch} completed{mid}"),
+        ("step", f"{state.step} optimizer steps"),
+        ("val loss", "-" if commit.get("val_loss") is None else f"{commit['val_loss']:.4f}"),
+        ("best val loss", f"{best} (snapshot {state.best_snapshot or '-'})"),
+        ("history", f"{len(state.history)} epoch(s)" + (f", last {_last(state.history)}" if state.history else "")),
+        ("world size", str(state.world_size)),
+        ("rng states", f"{len(state.rng)} rank(s)"),
+        ("metrics run id", state.run_id or "-"),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        _out(f"{key:<{width}}  {value}")
+    _out("config:")
+    for line in _config_summary(state.config, args.full_config):
+        _out(f"  {line}")
+    return 0
+
+
+def _last(history: list[dict[str, Any]]) -> str:
+    h = history[-1]
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items())
+
+
+def _config_summary(config: dict[str, Any], full: bool) -> list[str]:
+    if full:
+        import yaml
+
+        return yaml.safe_dump(config, sort_keys=False).splitlines()
+    keys = {"model": ("arch", "encoder", "encoder_depth", "decoder_channels", "in_channels"),
+            "data": ("source", "image_size", "num_classes"),
+            "train": ("epochs", "batch_size", "precision"),
+            "optim": ("lr", "schedule", "warmup_steps"),
+            "dist": ("strategy",),
+            "checkpoint": ("engine", "mode", "interval", "keep", "permanent_every")}
+    return [f"{section}: " + ", ".join(f"{k}={config.get(section, {}).get(k)!r}" for k in names)
+            for section, names in keys.items()]
+
+
+def export(args: argparse.Namespace) -> int:
+    from elastictrain.checkpoint import export_model
+
+    if not args.out.parent.is_dir():
+        raise FileNotFoundError(f"{args.out.parent}: no such directory for the exported model")
+    state = export_model(args.snapshot, args.out, verify=not args.no_verify)
+    model = state.config.get("model", {})
+    _out(f"exported the model of {args.snapshot} (epoch {state.epoch}, step {state.step}) to {args.out}: "
+         f"{model.get('arch')} / {model.get('encoder')}, {state.config.get('data', {}).get('num_classes')} classes")
+    return 0
+
+
+def clean(args: argparse.Namespace) -> int:
+    from elastictrain.checkpoint import clean_plan, snapshots_root
+
+    root = snapshots_root(args.run_dir)
+    plan = clean_plan(root)
+    doomed = [(path, why) for path, delete, why in plan if delete]
+    freed = sum(manifest.dir_size(path) for path, _ in doomed)
+    for path, delete, why in plan:
+        _out(f"{'delete' if delete else 'keep':<6}  {path.name}  ({why})")
+    if not doomed:
+        _out("nothing to delete")
+        return 0
+    if not args.yes:
+        _out(f"dry run: would delete {len(doomed)} snapshot(s), {manifest.human_size(freed)}; "
+             f"run again with --yes to delete them")
+        return 0
+    for path, _ in doomed:
+        shutil.rmtree(path)
+    _out(f"deleted {len(doomed)} snapshot(s), freed {manifest.human_size(freed)}")
+    return 0
