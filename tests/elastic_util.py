@@ -11,7 +11,6 @@ tmp directory" is exactly what the test may leave behind.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from helpers import ROOT, base_env, wait_for
+from helpers import ROOT, base_env, read_jsonl, wait_for
 
 RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=60,close_timeout=5"
 """The elastic rendezvous settings from the notes: ~8 s to continue after a node loss instead of 45 s.
@@ -156,18 +155,7 @@ class Jobs:
 # -------------------------------------------------------------------------------------------- metrics
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl so far; a line still being written is skipped."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+read_records = read_jsonl
 
 
 def wait_for_record(run_dir: Path, match: Callable[[dict[str, Any]], bool], timeout: float, what: str,

@@ -92,8 +92,17 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def read_jsonl(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl so far ([] before it exists); a line still being written is skipped."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -4,7 +4,6 @@ blindly."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from helpers import ROOT, base_env
+from helpers import ROOT, base_env, read_jsonl
 
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 TRAIN = ROOT / "slurm" / "train.sh"
@@ -85,18 +84,7 @@ def wait_final(job: int, out: Path, timeout: float = 240) -> dict[str, str]:
                 f"job {job} to end", lambda: f"{job_info(job)}\n--- job output:\n{job_log(out)[-6000:]}")
 
 
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The trainer's JSONL records so far (a line being written is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
+metrics = read_jsonl  # the trainer's JSONL records so far
 
 
 def attempts(run_dir: Path) -> list[list[dict[str, Any]]]:
