@@ -32,6 +32,9 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", WANDB_MODE="disabled",
                PYTHONUNBUFFERED="1")
     env.pop("WANDB_API_KEY", None)
+    # In-process wandb tests leave this pytest process's wandb-core address here; a trainer that inherited it
+    # would share that service, and a killed attempt's run would stay "in use" there for the resumed one.
+    env.pop("WANDB_SERVICE", None)
     env.update(extra)
     return env
 
