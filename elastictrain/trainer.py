@@ -77,9 +77,7 @@ class Trainer:
         self.micro_batch, self.accum = batch_geometry(cfg.train.batch_size, cfg.train.micro_batch_size,
                                                       ctx.world_size)
         self.loaders = build_loaders(cfg, ctx.rank, ctx.world_size, self.micro_batch, self.accum)
-        self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"--train.batch_size {cfg.train.batch_size} is larger than the training set")
+        self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch  # >= 1: the sampler checks
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         total = self.steps_per_epoch * cfg.train.epochs
@@ -160,7 +158,7 @@ class Trainer:
     # ---------- the loop ----------
     def train(self) -> int:
         """Train to ``train.epochs``; returns 0 when finished, ``preemption.exit_code`` when preempted."""
-        self.preemption.install()  # before the restore: a signal during start-up stops at the first step boundary
+        self.preemption.install()  # no-op when the CLI installed it first; must precede the restore either way
         resumed = self.resume()
         run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
         # Only rank 0 talks to wandb, but the train state is a replicated snapshot entry: every rank holds its id.
