@@ -8,7 +8,6 @@ one ``ValueError`` that names the flag to change, before any process group exist
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -420,8 +419,3 @@ def from_dict(data: dict[str, Any]) -> Config:
     if problems:
         raise ValueError("stored config does not match this version:\n  " + "\n  ".join(problems))
     return cfg
-
-
-def world_size_from_env() -> int:
-    """World size as torchrun sets it (1 when launched without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -7,7 +7,6 @@ import gc
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,7 +91,6 @@ class Trainer:
         self.preemption = preemption or Preemption(cfg.preemption)
         self.snapshot_step = -1
         """Step of the last snapshot this process started; a preemption at that very step needs no second one."""
-        self.started = time.time()
 
     def _check_engine_can_shard(self) -> None:
         """torchsnapshot cannot take an FSDP2 parameter of which a rank holds no rows (it divides by the
