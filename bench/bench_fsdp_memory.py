@@ -73,7 +73,7 @@ def measure(strategy: str, cfg, ctx, image_size: int, workdir: Path) -> dict:
     from elastictrain.dist import all_gather_object, barrier
     from elastictrain.engines import build_engine
     from elastictrain.model import build_model
-    from elastictrain.parallelize import empty_shards, wrap
+    from elastictrain.parallelize import wrap
 
     torch.manual_seed(0)
     model = wrap(build_model(cfg.model, cfg.data.num_classes), strategy, ctx)
@@ -90,12 +90,11 @@ def measure(strategy: str, cfg, ctx, image_size: int, workdir: Path) -> dict:
                                   if isinstance(v, torch.Tensor)])}
     app_state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
     for engine in ("torchsnapshot", "dcp"):
-        if engine == "torchsnapshot" and strategy == "fsdp" and empty_shards(model, ctx.world_size):
-            continue  # it cannot take a rank's empty shard (the trainer refuses this at start-up)
         path = workdir / f"{strategy}-{ctx.world_size}-{engine}"
         barrier(ctx)
         written, start = _written_bytes(), time.perf_counter()
-        build_engine(engine).save(path, app_state, ctx, background=False)
+        writer = build_engine(engine)
+        writer.write(path, writer.prepare_for_save({k: v.state_dict() for k, v in app_state.items()}, ctx), ctx)
         row[f"{engine}_s"] = time.perf_counter() - start
         row[f"{engine}_written"] = _written_bytes() - written
         barrier(ctx)

@@ -1,15 +1,21 @@
-"""The snapshot manager: when to take a snapshot, commit it, keep it, find it again and restore it.
+"""The snapshot manager: it owns the whole lifecycle of a run's snapshots.
+
+At start-up the trainer asks one question, :meth:`CheckpointManager.restore_latest`: discover the newest
+complete snapshot, verify it, refuse a changed model, restore it, prove that every entry was read, and fall
+back to the previous snapshot when any of that fails. At a boundary it calls :meth:`maybe_save` (epoch end)
+or :meth:`save_now` (preemption). A save copies the state into reused CPU buffers (the only part the
+training loop waits for), then a writer thread has the engine write the copy, fingerprints it, and rank 0
+commits it. Every failure is decided on all ranks at once, with the same message.
 
 Layout (RUN_DIR/snapshots/):
     epoch00003-step00000120/   one snapshot: the engine's files, then COMMIT.json (written last, atomically)
     BEST.json                  pointer to the snapshot with the best validation loss (rewritten from the
                                commit records, which say whether each snapshot was the best so far)
-    NAME.damaged-TIME/         a snapshot that failed verification at start-up, moved aside for a human
+    NAME.damaged-TIME/         a snapshot that failed verification or its restore, moved aside for a human
     NAME.superseded-TIME/      a complete snapshot of an abandoned branch (resumed from an older one)
 Tiers live in each commit record: 'rolling' (the newest ``checkpoint.keep`` are kept) or 'permanent'
 (every ``checkpoint.permanent_every`` epochs; retention never deletes them). Promotion is decided when
-the snapshot is committed, so no data is ever rewritten. The functions at the end read snapshots with
-no training job (world size 1, no process group) for ``elastictrain ckpt``.
+the snapshot is committed, so no data is ever rewritten.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,10 +40,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from elastictrain import manifest
+from elastictrain import manifest, proof
 from elastictrain.config import CheckpointConfig
-from elastictrain.dist import DistContext, broadcast_object, raise_together
-from elastictrain.engines import AppState, Engine, PendingWrite, build_engine
+from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
+from elastictrain.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
+from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.state import TrainState
 
@@ -105,36 +113,83 @@ def best_snapshot_loss(state: TrainState) -> float:
     return next((h["val_loss"] for h in state.history if h.get("epoch") == epoch), math.inf)
 
 
+def model_changes(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings that change the model's tensors, as {setting: (in the snapshot, now)}; empty if none."""
+    changed = {f"model.{k}": (stored.get("model", {}).get(k), v) for k, v in now["model"].items()
+               if k != "encoder_weights" and stored.get("model", {}).get(k) != v}
+    if stored.get("data", {}).get("num_classes") != now["data"]["num_classes"]:
+        changed["data.num_classes"] = (stored.get("data", {}).get("num_classes"), now["data"]["num_classes"])
+    return changed
+
+
+@dataclass
+class ResumeInfo:
+    """Where a restored run continues (the trainer's TrainState holds the same counters)."""
+
+    path: Path
+    epoch: int
+    step: int
+    sample_offset: int
+    world_size: int
+    """World size when the snapshot was taken."""
+    config: dict[str, Any]
+    """The config stored in the snapshot."""
+
+
+class _Damaged(Exception):
+    """A snapshot that cannot be restored although it is complete: moved aside, the previous one tried."""
+
+
 class CheckpointManager:
-    """Takes, commits, retains, discovers and restores snapshots; the trainer only calls ``maybe_save``,
-    ``save_now``, ``latest_complete_snapshot``, ``read_train_state``, ``restore``, ``wait`` and ``close``."""
+    """Takes, commits, retains, discovers, restores and proves snapshots.
+
+    Args:
+        cfg: the ``checkpoint`` settings.
+        ctx: this rank's distributed context.
+        run_dir: the run directory (snapshots live in RUN_DIR/snapshots).
+        total_epochs: ``train.epochs``: the last epoch always gets a snapshot.
+        run_config: the resolved config of this run, to refuse a snapshot of another model.
+        prepare: called on every rank right before the state is copied (the trainer makes replicated state
+            identical across ranks and gathers RNG states there); only when a snapshot is really taken.
+        faults: test-only fault injection.
+    """
 
     def __init__(self, cfg: CheckpointConfig, ctx: DistContext, run_dir: Path, total_epochs: int,
+                 run_config: dict[str, Any] | None = None, prepare: Callable[[], None] | None = None,
                  faults: FaultInjector | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.root = run_dir / "snapshots"
         self.total_epochs = total_epochs
+        self.run_config = run_config
+        self.prepare = prepare
         self.engine: Engine = build_engine(cfg.engine)
         self.faults = faults
-        self._pending: tuple[int, PendingWrite, threading.Thread] | None = None
+        self._stager: Any = None
+        self._writer: threading.Thread | None = None
+        self._writing = ""
         self._error: BaseException | None = None
+        self._held_step = -1
+        """Step of the newest snapshot this run holds (restored from, or started); a save there is a no-op."""
+        self._branch_from = ""
+        """Identity of the snapshot this lineage started from with --checkpoint.resume_from ('' for none)."""
         self.blocked_seconds: list[float] = []
         """Time the training loop spent inside each save call (what async is meant to shrink)."""
-        if ctx.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
 
     # ---------- policy ----------
     def due(self, epoch: int) -> bool:
         """A snapshot after this epoch? Every ``interval``, every permanent epoch, and the last one."""
         if self.cfg.mode == "off":
             return False
+        return epoch % self.cfg.interval == 0 or self._permanent_epoch(epoch) or epoch >= self.total_epochs
+
+    def _permanent_epoch(self, epoch: int) -> bool:
         every = self.cfg.permanent_every
-        return epoch % self.cfg.interval == 0 or (every > 0 and epoch % every == 0) or epoch >= self.total_epochs
+        return every > 0 and epoch > 0 and epoch % every == 0
 
     def tier(self, epoch: int, end_of_epoch: bool) -> str:
-        every = self.cfg.permanent_every
-        return "permanent" if end_of_epoch and every > 0 and epoch % every == 0 else "rolling"
+        """'permanent' for the snapshot at the end of every ``permanent_every``-th epoch, else 'rolling'."""
+        return "permanent" if end_of_epoch and self._permanent_epoch(epoch) else "rolling"
 
     def maybe_save(self, app_state: AppState, state: TrainState, val_loss: float) -> bool:
         """At an epoch boundary: track the best validation loss, and start a snapshot if one is due
@@ -146,31 +201,45 @@ class CheckpointManager:
         is_best = val_loss < best_snapshot_loss(state)
         if is_best:
             state.best_snapshot = manifest.snapshot_name(state.epoch, state.step)
-        self._save(app_state, state, val_loss, is_best, background=self.cfg.mode == "async", end_of_epoch=True)
-        return True
+        return self._save(app_state, state, val_loss, is_best, background=self.cfg.mode == "async",
+                          end_of_epoch=True) is not None
 
-    def save_now(self, app_state: AppState, state: TrainState) -> str:
-        """A synchronous snapshot at the current step (preemption); returns once it is committed."""
+    def save_now(self, app_state: AppState, state: TrainState) -> str | None:
+        """A snapshot at the current step (preemption), returned once committed: its name, or None when there
+        is nothing to save. A no-op for a step this run already holds (restored from it, or saved it)."""
+        if self.cfg.mode == "off":
+            log.warning("--checkpoint.mode off: no snapshot is taken; a re-run starts from the latest snapshot "
+                        "in %s, if any", self.root)
+            return None
+        if state.step == self._held_step:
+            self.wait()
+            return manifest.snapshot_name(state.epoch, state.step)
         return self._save(app_state, state, None, False, background=False, end_of_epoch=state.sample_offset == 0)
 
     # ---------- taking ----------
     def _save(self, app_state: AppState, state: TrainState, val_loss: float | None, is_best: bool,
-              background: bool, end_of_epoch: bool) -> str:
+              background: bool, end_of_epoch: bool) -> str | None:
+        if state.step == 0:
+            # Nothing learned yet: a fresh start reproduces this state exactly. (Taking the optimizer's
+            # state dict now would also initialise its state, step = 1, and change the run.)
+            log.info("no optimizer step taken yet: nothing to snapshot")
+            return None
         start = time.perf_counter()
         self.wait()  # one snapshot in flight at most: the previous one must be committed first
         name = manifest.snapshot_name(state.epoch, state.step)
         path = self.root / name
-        error = self._clear_target(path) if self.ctx.is_main else None
-        raise_together(self.ctx, error)
-        info = {"name": name, "engine": self.engine.name, "epoch": state.epoch, "step": state.step,
-                "sample_offset": state.sample_offset, "world_size": self.ctx.world_size,
-                "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss,
-                "is_best": is_best, "started_at": time.time()}
-        pending = self.engine.save(path, app_state, self.ctx, background=background)
-        thread = threading.Thread(target=self._commit, args=(path, pending, info), name=f"commit-{name}",
-                                  daemon=True)
-        thread.start()
-        self._pending = (state.epoch, pending, thread)
+        on_main_together(self.ctx, lambda: self._clear_target(path))
+        if self.prepare is not None:
+            self.prepare()
+        info = {"name": name, "id": uuid.uuid4().hex, "branch_from": self._branch_from, "engine": self.engine.name,
+                "epoch": state.epoch, "step": state.step, "sample_offset": state.sample_offset,
+                "world_size": self.ctx.world_size, "tier": self.tier(state.epoch, end_of_epoch),
+                "val_loss": val_loss, "is_best": is_best, "started_at": time.time()}
+        staged = self._stage(app_state)
+        self._writing, self._held_step = name, state.step
+        self._writer = threading.Thread(target=self._write, args=(path, staged, info), name=f"snapshot-{name}",
+                                        daemon=True)
+        self._writer.start()
         if self.faults:
             self.faults.maybe_fire("saving", state.epoch)
         if not background:
@@ -178,40 +247,50 @@ class CheckpointManager:
         self.blocked_seconds.append(time.perf_counter() - start)
         return name
 
-    def _clear_target(self, path: Path) -> str | None:
-        """A directory of the same name left by an earlier attempt: an incomplete one is debris and is
-        removed; a complete one (we resumed from an older snapshot on purpose) is moved aside, never deleted."""
+    def _stage(self, app_state: AppState) -> StateDicts:
+        """Copy the state into CPU buffers kept from one snapshot to the next (reallocating and page-faulting
+        280 MB each time costs ~8x the copy): afterwards training may change the live tensors freely."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.ctx.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=False))
+        live = self.engine.prepare_for_save({k: v.state_dict() for k, v in app_state.items()}, self.ctx)
+        return self._stager.stage(live)
+
+    def _clear_target(self, path: Path) -> None:
+        """Rank 0: make room for a new snapshot at ``path``. A directory of that name left by an earlier
+        attempt: an incomplete one is debris and is removed; a complete or damaged one (we resumed from an
+        older snapshot on purpose) is moved aside, never deleted."""
+        self.root.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            return None
-        if manifest.read_commit(path) is None:
-            shutil.rmtree(path, ignore_errors=True)
-            return None
+            return
+        if manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
+            shutil.rmtree(path)
+            return
         aside = path.with_name(f"{path.name}.superseded-{int(time.time())}")
         log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
-        try:
-            path.rename(aside)
-        except OSError as e:
-            return f"cannot move aside existing snapshot {path}: {e}"
-        return None
+        path.rename(aside)
 
-    def _commit(self, path: Path, pending: PendingWrite, info: dict[str, Any]) -> None:
-        """Background: wait for every rank's write, then (rank 0) checksum and commit, best, retention.
-
-        Rank 0's write finishing implies every rank's did: both engines gather all ranks' results
-        before the library's own metadata is written on rank 0."""
+    def _write(self, path: Path, staged: StateDicts, info: dict[str, Any]) -> None:
+        """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
+        fingerprint and the files' checksums in the commit record, then best and retention."""
         try:
-            pending.wait()
+            self.engine.write(path, staged, self.ctx)
+            complete, partial = proof.local_record(staged)
+            partials = all_gather_object(self.ctx, partial, group=self.ctx.ckpt_group)  # also: all ranks wrote
             if self.ctx.is_main:
                 # What the benchmark reads back: from the save call to the engine's last byte written.
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
-                record = manifest.write_commit(path, info)
+                record = manifest.write_commit(path, {**info, "entries": proof.combine(complete, partials)})
                 log.info("snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
                          len(record["files"]), manifest.human_size(sum(f["size"] for f in record["files"].values())),
                          record["checksum_seconds"])
                 self._apply_retention()
             if self.faults:  # here, not on the training thread, so that it is right after the commit
                 self.faults.maybe_fire("saved", info["epoch"])
-        except BaseException as e:  # surfaced by wait() on the training thread
+        except BaseException as e:  # surfaced by wait() on the training thread, on every rank
             self._error = e
 
     def _apply_retention(self) -> None:
@@ -227,71 +306,191 @@ class CheckpointManager:
             log.info("retention: removed rolling snapshot %s", victim.name)
 
     def wait(self) -> None:
-        """Block until the snapshot in flight (if any) is committed; re-raise its failure."""
-        if self._pending is not None:
-            epoch, _, thread = self._pending
-            thread.join()
-            self._pending = None
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise RuntimeError(f"snapshot after epoch {epoch} in {self.root} failed: {error}") from error
+        """Block until the snapshot in flight (if any) is committed on every rank; a failure on any rank is
+        raised on every rank, with the same message."""
+        if self._writer is None:
+            return
+        self._writer.join()
+        self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            error = RuntimeError(f"snapshot {self.root / self._writing} failed: {type(error).__name__}: {error}")
+        raise_together(self.ctx, error)
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, timeout: float = 30.0) -> None:
+        """Give a snapshot in flight ``timeout`` seconds to finish, without any collective: close also runs
+        when the run is failing, and a peer may be gone. An unfinished snapshot is never committed."""
+        if self._writer is not None:
+            self._writer.join(timeout)
+            if self._writer.is_alive():
+                log.warning("snapshot %s still being written at exit; it stays incomplete", self._writing)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     # ---------- finding and restoring ----------
-    def latest_complete_snapshot(self) -> Path | None:
-        """Rank 0 picks the newest complete snapshot that verifies; every rank gets the same answer."""
-        choice: str | None = None
-        error: str | None = None
-        if self.ctx.is_main:
-            try:
-                choice = self._choose()
-            except (FileNotFoundError, ValueError) as e:
-                error = str(e)
-        raise_together(self.ctx, error)
-        choice = broadcast_object(self.ctx, choice)
-        return Path(choice) if choice else None
+    def restore_latest(self, app_state: AppState) -> ResumeInfo | None:
+        """Restore the newest snapshot that is complete, intact and of this model; None for a fresh start.
 
-    def _choose(self) -> str | None:
+        A snapshot that fails verification or whose restore cannot be proven complete is moved aside as
+        damaged and the previous one is tried. Raises UserError (every rank) for a changed model or a bad
+        ``--checkpoint.resume_from``; RuntimeError when a failed restore left the state half-loaded and no
+        older snapshot restores (the next attempt starts fresh: the damaged ones were moved aside)."""
+        touched = ""
+        while True:
+            found = on_main_together(self.ctx, self._choose)
+            if found is None:
+                if touched:
+                    raise RuntimeError(f"no snapshot in {self.root} could be restored (the last tried: {touched}); "
+                                       f"the damaged ones were moved aside. Run the same command again to start "
+                                       f"from scratch.")
+                log.info("no snapshot in %s: starting fresh", self.root)
+                return None
+            path, commit, branch_from = Path(found[0]), found[1], found[2]
+            try:
+                info = self._restore(path, commit, app_state)
+            except _Damaged as e:
+                if self.cfg.resume_from and path.resolve() == Path(self.cfg.resume_from).resolve():
+                    raise UserError(f"--checkpoint.resume_from: {path}: {e}") from None  # the user's: not moved
+                touched, reason = str(path), str(e)
+                on_main_together(self.ctx, lambda: self._move_aside(path, "damaged", reason))
+                continue
+            self._held_step, self._branch_from = info.step, branch_from
+            return info
+
+    def _restore(self, path: Path, commit: dict[str, Any], app_state: AppState) -> ResumeInfo:
+        """Every rank: read the TrainState alone, refuse another model, read everything, prove the read."""
+        engine = self._engine_for(commit, path)
+        stored = TrainState()
+        try:
+            engine.read(path, {"train": JsonState(stored)}, self.ctx)
+            problems: list[str] = []
+        except EngineReadError as e:
+            problems = [str(e)]
+        self._agree_on_damage(path, problems, commit)
+        self._check_compatible(stored.config, path)  # every rank read the same config: no collective needed
+        if self.faults:
+            self.faults.maybe_fire("restore", 0)
+        try:
+            engine.read(path, app_state, self.ctx)
+        except EngineReadError as e:
+            problems = [str(e)]
+        if not problems and "entries" in commit:
+            problems = self._prove_read(commit["entries"], app_state)
+        self._agree_on_damage(path, problems, commit)
+        state = app_state["train"].state if "train" in app_state else stored
+        return ResumeInfo(path, state.epoch, state.step, state.sample_offset, stored.world_size, stored.config)
+
+    def _agree_on_damage(self, path: Path, problems: list[str], commit: dict[str, Any] | None = None) -> None:
+        """If any rank could not read its part: with the first rank's reasons, raise _Damaged on every rank when
+        the files are not the ones committed (checksums), else RuntimeError: intact files that do not restore
+        are not the snapshot's fault (nothing is moved aside for it). ``commit`` given: checked now if
+        verification was skipped at discovery."""
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        reasons = [r for r in all_gather_object(self.ctx, shown if problems else None) if r]
+        if not reasons:
+            return
+        log.error("restoring snapshot %s failed: %s", path.name, reasons[0])
+        damage = reasons[0]
+        if commit is not None:
+            def files_problem() -> str | None:
+                return None if self.cfg.verify else manifest.verify(path, commit, build_engine(commit["engine"]).marker)
+
+            damage = on_main_together(self.ctx, files_problem) or ""
+            if not damage:
+                raise RuntimeError(f"snapshot {path} is intact (its files match their checksums) but could not be "
+                                   f"restored: {reasons[0]}")
+        raise _Damaged(f"restore failed: {damage}; {reasons[0]}" if damage != reasons[0] else f"restore failed: {damage}")
+
+    def _prove_read(self, expected: proof.Record, app_state: AppState) -> list[str]:
+        """Compare every entry's fingerprint after the read with the one recorded at save time."""
+        live = {k: v.state_dict() for k, v in app_state.items()}
+        complete, partial = proof.local_record(live)
+        actual = proof.combine(complete, all_gather_object(self.ctx, partial))
+        return proof.differences(expected, actual, only=tuple(f"{k}/" for k in app_state))
+
+    def _check_compatible(self, stored: dict[str, Any], path: Path) -> None:
+        """Refuse a changed model before anything is loaded or overwritten; warn on changed hyper-parameters."""
+        if self.run_config is None:
+            return
+        changed = model_changes(stored, self.run_config)
+        if changed:
+            shown = ", ".join(f"--{k} {now!r} (snapshot: {was!r})" for k, (was, now) in changed.items())
+            raise UserError(f"the model differs from the one in snapshot {path}: {shown}. Use a new --run.dir to "
+                            f"train a different model, or restore those settings.")
+        for section, key in (("train", "batch_size"), ("optim", "lr")):
+            was, now = stored.get(section, {}).get(key), self.run_config[section][key]
+            if was != now:
+                log.warning("--%s.%s changed on resume: %s in the snapshot, %s now", section, key, was, now)
+
+    def _engine_for(self, commit: dict[str, Any], path: Path) -> Engine:
+        name = commit.get("engine", self.engine.name)
+        if name == self.engine.name:
+            return self.engine
+        log.warning("snapshot %s was written by engine %s; reading it with that engine", path.name, name)
+        return build_engine(name)
+
+    def _choose(self) -> tuple[str, dict[str, Any], str] | None:
+        """Rank 0: (path, commit record, lineage) of the snapshot to restore, or None for a fresh start."""
+        self.root.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume_from:
             return self._choose_given(Path(self.cfg.resume_from))
+        snap = self._newest_intact()
+        return None if snap is None else (str(snap.path), snap.commit, snap.commit.get("branch_from", ""))  # type: ignore[union-attr]
+
+    def _newest_intact(self) -> manifest.SnapshotInfo | None:
+        """The newest complete snapshot that verifies; on the way, incomplete ones are removed (debris of a
+        cut-off write) and damaged ones moved aside."""
         for snap in manifest.list_snapshots(self.root):
+            if snap.damaged:
+                self._move_aside(snap.path, "damaged", snap.problem or "")
+                continue
             if not snap.complete:
                 log.warning("ignoring incomplete snapshot %s (no commit record); removing it", snap.path)
                 shutil.rmtree(snap.path, ignore_errors=True)
                 continue
             problem = self._verify(snap.path, snap.commit)  # type: ignore[arg-type]
             if problem is None:
-                return str(snap.path)
-            aside = snap.path.with_name(f"{snap.name}.damaged-{int(time.time())}")
-            log.error("snapshot %s is damaged: %s; moved to %s and falling back to the previous one",
-                      snap.name, problem, aside.name)
-            snap.path.rename(aside)
+                return snap
+            self._move_aside(snap.path, "damaged", problem)
         return None
 
-    def _choose_given(self, path: Path) -> str:
-        """``--checkpoint PATH``: that snapshot or an error, never a silent fallback. Newer snapshots in the
-        run directory belong to the branch being abandoned: they are moved aside (not deleted), or
-        discovery and retention would mistake them for this run's newest."""
+    def _move_aside(self, path: Path, why: str, problem: str) -> None:
+        aside = path.with_name(f"{path.name}.{why}-{int(time.time())}")
+        if why == "damaged":
+            log.error("snapshot %s is damaged: %s; moved to %s and falling back to the previous one",
+                      path.name, problem, aside.name)
+        path.rename(aside)
+
+    def _choose_given(self, path: Path) -> tuple[str, dict[str, Any], str]:
+        """``--checkpoint PATH``: the starting point of a lineage, once. Kept in an sbatch script or a torchrun
+        command, it must not rewind every restart: when the run directory's newest intact snapshot descends
+        from PATH, continue from that one. Otherwise PATH it is (or an error, never a silent fallback), and
+        newer snapshots of the branch being abandoned are moved aside (not deleted), or discovery and retention
+        would mistake them for this run's newest."""
         commit = manifest.read_commit(path)
         if commit is None:
-            raise FileNotFoundError(f"--checkpoint.resume_from: {path} is not a complete snapshot "
-                                    f"(no readable {manifest.COMMIT})")
+            raise UserError(f"--checkpoint.resume_from: {path} is not a complete snapshot "
+                            f"({manifest.commit_problem(path) or f'no {manifest.COMMIT}'})")
+        origin = manifest.snapshot_id(commit)
+        newest = self._newest_intact()
+        if newest is not None and newest.path.resolve() != path.resolve() \
+                and newest.commit.get("branch_from") == origin:  # type: ignore[union-attr]
+            log.info("--checkpoint.resume_from %s: this run already continued from it; continuing from its newest "
+                     "snapshot %s", path, newest.name)
+            return str(newest.path), newest.commit, origin  # type: ignore[return-value]
         problem = self._verify(path, commit)
         if problem:
-            raise ValueError(f"--checkpoint.resume_from: snapshot is damaged: {problem}")
+            raise UserError(f"--checkpoint.resume_from: snapshot is damaged: {problem}")
         order = (commit["step"], commit["epoch"])
         for snap in manifest.list_snapshots(self.root):
             if snap.order > order and snap.path.resolve() != path.resolve():
-                aside = snap.path.with_name(f"{snap.name}.superseded-{int(time.time())}")
-                log.warning("resuming from the older %s: moved the newer snapshot %s aside to %s",
-                            path, snap.name, aside.name)
-                snap.path.rename(aside)
-        return str(path)
+                log.warning("resuming from the older %s: moving the newer snapshot %s aside", path, snap.name)
+                self._move_aside(snap.path, "superseded", "")
+        return str(path), commit, origin
 
     def _verify(self, path: Path, commit: dict[str, Any]) -> str | None:
-        """The manifest check (on by default: ~1.3 GB/s here, see bench/bench_snapshots.py)."""
+        """The manifest check (on by default: ~1.2 GB/s here, see bench/bench_snapshots.py)."""
         if not self.cfg.verify:
             return None
         start = time.perf_counter()
@@ -301,114 +500,3 @@ class CheckpointManager:
             log.info("verified snapshot %s: %d files, %s in %.2fs", path.name, len(commit["files"]),
                      manifest.human_size(size), time.perf_counter() - start)
         return problem
-
-    def read_train_state(self, path: Path) -> TrainState:
-        """Only the small TrainState of a snapshot (config, counters), without touching the model."""
-        state = TrainState()
-        self._engine_for(path).load(path, {"train": JsonState(state)}, self.ctx)
-        return state
-
-    def restore(self, path: Path, app_state: AppState) -> None:
-        if self.faults:
-            self.faults.maybe_fire("restore", 0)
-        self._engine_for(path).load(path, app_state, self.ctx)
-
-    def _engine_for(self, path: Path) -> Engine:
-        commit = manifest.read_commit(path)
-        name = commit["engine"] if commit else self.engine.name
-        if name != self.engine.name:
-            log.warning("snapshot %s was written by engine %s; reading it with that engine", path.name, name)
-        return build_engine(name)
-
-
-# ---------- offline: snapshots read without a training job (the ckpt CLI) ----------
-def standalone_context() -> DistContext:
-    """World size 1 on CPU with no process group: both engines read any snapshot this way."""
-    return DistContext(0, 1, 0, torch.device("cpu"), None)
-
-
-def snapshots_root(run_dir: Path) -> Path:
-    """RUN_DIR/snapshots, or RUN_DIR itself when it is already a snapshots directory."""
-    if (run_dir / "snapshots").is_dir():
-        return run_dir / "snapshots"
-    if run_dir.is_dir() and (any(manifest.is_snapshot_name(p.name) for p in run_dir.iterdir())
-                             or (run_dir / manifest.BEST).exists()):
-        return run_dir
-    raise FileNotFoundError(f"{run_dir}: no snapshots directory (expected {run_dir / 'snapshots'})")
-
-
-def open_snapshot(path: Path, verify: bool = True) -> dict[str, Any]:
-    """The commit record of a complete snapshot, checked against its manifest when ``verify``.
-
-    Raises:
-        FileNotFoundError: no such directory.
-        ValueError: incomplete (no commit record) or damaged; the message names the file.
-    """
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such snapshot directory")
-    commit = manifest.read_commit(path)
-    if commit is None:
-        raise ValueError(f"{path}: not a complete snapshot (no readable {manifest.COMMIT}); refusing to read it")
-    if verify:
-        problem = manifest.verify(path, commit, build_engine(commit["engine"]).marker)
-        if problem:
-            raise ValueError(f"{path}: snapshot is damaged: {problem}")
-    return commit
-
-
-def read_snapshot_state(path: Path, commit: dict[str, Any]) -> TrainState:
-    """Only the TrainState (counters, history, config) of a snapshot, through its own engine."""
-    state = TrainState()
-    build_engine(commit["engine"]).load(path, {"train": JsonState(state)}, standalone_context())
-    return state
-
-
-def export_model(path: Path, out: Path, verify: bool = True) -> TrainState:
-    """Write a snapshot's model as a plain full state dict for inference: ``torch.load(out,
-    weights_only=True)`` loads into the model its stored config builds. Returns the snapshot's TrainState."""
-    from elastictrain.config import from_dict
-    from elastictrain.model import build_model
-
-    commit = open_snapshot(path, verify)
-    state = read_snapshot_state(path, commit)
-    cfg = from_dict(state.config)
-    cfg.model.encoder_weights = None  # the snapshot holds the weights; never download any
-    model = build_model(cfg.model, cfg.data.num_classes)
-    build_engine(commit["engine"]).load(path, {"model": ModelState(model)}, standalone_context())
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(weights, tmp)
-    os.replace(tmp, out)  # never a torn export
-    return state
-
-
-def clean_plan(root: Path) -> list[tuple[Path, bool, str]]:
-    """What ``ckpt clean`` would do, as (path, delete?, why), newest first.
-
-    Kept: the newest complete snapshot that verifies (a resume starts there; newer damaged ones are left
-    for the resume to move aside), permanent ones, the best one, and incomplete ones newer than every
-    complete one (a running job may be writing them). Deleted: other rolling snapshots, older incomplete
-    ones and snapshots a resume moved aside (damaged or superseded)."""
-    snapshots = manifest.list_snapshots(root)
-    best = manifest.best_snapshot(snapshots)
-    newest_complete = next((s.order for s in snapshots if s.complete), None)
-    resume_point = False
-    plan: list[tuple[Path, bool, str]] = []
-    for snap in snapshots:
-        if not snap.complete:
-            in_flight = newest_complete is None or snap.order > newest_complete
-            plan.append((snap.path, not in_flight, "incomplete: may still be being written" if in_flight
-                         else "incomplete (no commit record)"))
-        elif not resume_point:
-            problem = manifest.verify(snap.path, snap.commit, build_engine(snap.commit["engine"]).marker)
-            resume_point = problem is None
-            plan.append((snap.path, False, "newest complete: a resume starts here" if resume_point
-                         else f"damaged, left for a resume to move aside: {problem}"))
-        elif snap.tier == "permanent":
-            plan.append((snap.path, False, "permanent"))
-        elif best is not None and snap.name == best.name:
-            plan.append((snap.path, False, f"best (val loss {snap.commit['val_loss']:.4f})"))
-        else:
-            plan.append((snap.path, True, "rolling"))
-    plan += [(path, True, f"moved aside by a resume ({why})") for path, why in manifest.aside_dirs(root)]
-    return plan

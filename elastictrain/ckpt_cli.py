@@ -1,9 +1,10 @@
 """``elastictrain ckpt``: look at, export and tidy the snapshots of a run, with no training job running.
 
-    elastictrain ckpt list RUN_DIR [--verify]      every snapshot: tier, epoch, step, complete, verified, val loss, size
+    elastictrain ckpt list RUN_DIR [--verify]      every snapshot: tier, epoch, step, samples, state, val loss, size
     elastictrain ckpt inspect SNAPSHOT             counters, best val loss, history, world size, engine, config
     elastictrain ckpt export SNAPSHOT OUT.pt       plain state dict for inference (torch.load(weights_only=True))
-    elastictrain ckpt clean RUN_DIR [--yes]        keep best, permanent and the newest complete; a dry run unless --yes
+    elastictrain ckpt clean RUN_DIR [--yes]        delete rolling snapshots no resume needs; a dry run unless --yes;
+                                                   permanent, best and damaged ones only with --delete-KIND
 
 Everything runs at world size 1 on CPU without a process group, whatever world size wrote the snapshot.
 Exit status: 0 done, 1 a snapshot is damaged or unreadable, 2 a usage error or a missing path.
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from elastictrain import manifest
+from elastictrain.errors import UserError
+
+DELETABLE = ("permanent", "best", "damaged")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="what a snapshot holds besides tensors")
     p.add_argument("snapshot", type=Path)
     p.add_argument("--full-config", action="store_true", help="print the whole stored config")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check before reading")
     p = sub.add_parser("export", help="write the model weights as a plain state dict")
     p.add_argument("snapshot", type=Path)
     p.add_argument("out", type=Path)
@@ -37,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="delete rolling snapshots no resume needs (dry run unless --yes)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--yes", action="store_true", help="really delete (default: only print the plan)")
+    for kind in DELETABLE:
+        p.add_argument(f"--delete-{kind}", action="store_true", help=f"also delete {kind} snapshots (kept otherwise)")
     return parser
 
 
@@ -48,7 +55,7 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     try:
         return {"list": list_snapshots, "inspect": inspect, "export": export, "clean": clean}[args.command](args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
         sys.stderr.write(f"elastictrain ckpt {args.command}: {e}\n")
         return 2
     except ValueError as e:
@@ -67,13 +74,13 @@ def _table(rows: list[list[str]]) -> None:
 
 
 def list_snapshots(args: argparse.Namespace) -> int:
-    from elastictrain.checkpoint import snapshots_root
     from elastictrain.engines import build_engine
+    from elastictrain.offline import snapshots_root
 
     root = snapshots_root(args.run_dir)
     snapshots = manifest.list_snapshots(root)
     best = manifest.best_snapshot(snapshots)
-    rows = [["", "SNAPSHOT", "TIER", "EPOCH", "STEP", "STATE", "VERIFIED", "VAL LOSS", "SIZE"]]
+    rows = [["", "SNAPSHOT", "TIER", "EPOCH", "STEP", "SAMPLES", "STATE", "VERIFIED", "VAL LOSS", "SIZE"]]
     problems: list[str] = []
     for snap in reversed(snapshots):  # oldest first, like a log
         epoch, step = manifest.parse_name(snap.name)
@@ -85,14 +92,19 @@ def list_snapshots(args: argparse.Namespace) -> int:
                 verified = "ok" if problem is None else "DAMAGED"
                 if problem:
                     problems.append(problem)
+        elif snap.damaged:
+            problems.append(snap.problem)  # type: ignore[arg-type]
         val = snap.commit.get("val_loss") if snap.commit else None
+        samples = str(snap.commit.get("sample_offset", "-")) if snap.commit else "-"
+        state = "complete" if snap.complete else "DAMAGED" if snap.damaged else "INCOMPLETE"
         rows.append(["*" if best is not None and snap.name == best.name else "", snap.name, snap.tier,
-                     str(epoch), str(step), "complete" if snap.complete else "INCOMPLETE", verified,
+                     str(epoch), str(step), samples, state, verified,
                      "-" if val is None else f"{val:.4f}", manifest.human_size(manifest.dir_size(snap.path))])
     _out(f"{root}: {len(snapshots)} snapshot(s)")
     if snapshots:
         _table(rows)
-        _out("(* = best by validation loss)" if best else "(no best snapshot yet)")
+        _out(("(* = best by validation loss" if best else "(no best snapshot yet") +
+             "; EPOCH = epochs completed, SAMPLES = samples already used of the next one)")
     for path, why in manifest.aside_dirs(root):
         _out(f"moved aside ({why}): {path.name}, {manifest.human_size(manifest.dir_size(path))}")
     for problem in problems:
@@ -101,10 +113,10 @@ def list_snapshots(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from elastictrain.checkpoint import open_snapshot, read_snapshot_state
+    from elastictrain.offline import open_snapshot, read_snapshot_state
 
     path: Path = args.snapshot
-    commit = open_snapshot(path, verify=False)  # reading TrainState alone: the engine's own checks suffice
+    commit = open_snapshot(path, verify=not args.no_verify)
     state = read_snapshot_state(path, commit)
     best = "none yet" if state.best_val_loss == float("inf") else f"{state.best_val_loss:.4f}"
     mid = f" (mid-epoch: {state.sample_offset} samples into epoch {state.epoch + 1})" if state.sample_offset else ""
@@ -153,26 +165,32 @@ def _config_summary(config: dict[str, Any], full: bool) -> list[str]:
 
 
 def export(args: argparse.Namespace) -> int:
-    from elastictrain.checkpoint import export_model
+    from elastictrain.export import export_model
+    from elastictrain.offline import load_snapshot_model, standalone_context
 
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"{args.out.parent}: no such directory for the exported model")
-    state = export_model(args.snapshot, args.out, verify=not args.no_verify)
-    model = state.config.get("model", {})
-    _out(f"exported the model of {args.snapshot} (epoch {state.epoch}, step {state.step}) to {args.out}: "
-         f"{model.get('arch')} / {model.get('encoder')}, {state.config.get('data', {}).get('num_classes')} classes")
+    out: Path = args.out
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: no such directory for the exported model")
+    model, state = load_snapshot_model(args.snapshot, verify=not args.no_verify)
+    export_model(model, out, standalone_context())
+    cfg = state.config
+    _out(f"exported the model of {args.snapshot} (epoch {state.epoch}, step {state.step}) to {out}: "
+         f"{cfg.get('model', {}).get('arch')} / {cfg.get('model', {}).get('encoder')}, "
+         f"{cfg.get('data', {}).get('num_classes')} classes")
     return 0
 
 
 def clean(args: argparse.Namespace) -> int:
-    from elastictrain.checkpoint import clean_plan, snapshots_root
+    from elastictrain.offline import clean_plan, snapshots_root
 
     root = snapshots_root(args.run_dir)
-    plan = clean_plan(root)
-    doomed = [(path, why) for path, delete, why in plan if delete]
-    freed = sum(manifest.dir_size(path) for path, _ in doomed)
-    for path, delete, why in plan:
-        _out(f"{'delete' if delete else 'keep':<6}  {path.name}  ({why})")
+    plan = clean_plan(root, frozenset(k for k in DELETABLE if getattr(args, f"delete_{k}")))
+    doomed = [path for path, delete, _, _ in plan if delete]
+    freed = sum(manifest.dir_size(path) for path in doomed)
+    for path, delete, tier, why in plan:
+        _out(f"{'delete' if delete else 'keep':<6}  {path.name}  [{tier}]  ({why})")
     if not doomed:
         _out("nothing to delete")
         return 0
@@ -180,7 +198,7 @@ def clean(args: argparse.Namespace) -> int:
         _out(f"dry run: would delete {len(doomed)} snapshot(s), {manifest.human_size(freed)}; "
              f"run again with --yes to delete them")
         return 0
-    for path, _ in doomed:
+    for path in doomed:
         shutil.rmtree(path)
     _out(f"deleted {len(doomed)} snapshot(s), freed {manifest.human_size(freed)}")
     return 0

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from elastictrain.config import Config
 from elastictrain.device import backend_for, pick_device
+from elastictrain.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,11 +80,12 @@ def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_gather_object(ctx: DistContext, obj: Any) -> list[Any]:
+def all_gather_object(ctx: DistContext, obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order; ``group`` defaults to the training thread's object group."""
     if not ctx.distributed:
         return [obj]
     out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj, group=ctx.cpu_group)
+    dist.all_gather_object(out, obj, group=group if group is not None else ctx.cpu_group)
     return out
 
 
@@ -105,8 +109,40 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.cpu_group)
 
 
-def raise_together(ctx: DistContext, error: str | None) -> None:
-    """Raise ValueError on every rank if any rank has an error, so no rank waits alone in a collective."""
-    errors = [e for e in all_gather_object(ctx, error) if e]
+def raise_together(ctx: DistContext, error: str | BaseException | None) -> None:
+    """Raise on every rank if any rank has an error, so no rank waits alone in a collective.
+
+    Every rank raises the same message: the first failing rank's. A :class:`UserError` stays one (exit 2),
+    anything else becomes a RuntimeError; a plain string is a user error (the historical use)."""
+    if isinstance(error, BaseException):
+        mine: tuple[bool, str] | None = (isinstance(error, UserError), str(error) or type(error).__name__)
+    else:
+        mine = (True, error) if error else None
+    if not ctx.distributed:
+        if isinstance(error, BaseException):
+            raise error
+        if mine:
+            raise UserError(mine[1])
+        return
+    errors = [e for e in all_gather_object(ctx, mine) if e]
     if errors:
-        raise ValueError(errors[0])
+        user, message = errors[0]
+        if isinstance(error, BaseException) and mine == errors[0]:
+            raise error  # the rank that failed keeps its own exception and traceback
+        raise (UserError if user else RuntimeError)(message)
+
+
+def on_main_together(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 alone and give every rank its result, or raise its failure on every rank.
+
+    For the file operations only rank 0 performs (discovery, moving a snapshot aside, mkdir): a failure
+    there must not leave the other ranks waiting in the next collective until the timeout."""
+    result: T | None = None
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - every failure is shared, then raised on every rank
+            error = e
+    raise_together(ctx, error)
+    return broadcast_object(ctx, result)  # type: ignore[return-value]

@@ -1,32 +1,33 @@
 """Snapshot engines behind one small interface: torchsnapshot (default) and DCP.
 
-The manager in checkpoint.py owns policy (when, where, commit, retention); an engine only writes an
-app_state into a directory (in the background when asked) and reads it back.
+The manager in checkpoint.py owns policy (when, where, staging, commit, retention, proof of a read); an
+engine only writes an already staged state (plain CPU state dicts, synchronously, on the manager's writer
+thread) into a directory, and reads a directory back into live objects, raising :class:`EngineReadError`
+when it could not read everything. What torchsnapshot gets wrong on this torch is mended here, in one place.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import logging
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from elastictrain.dist import DistContext
 
 AppState = dict[str, Any]
-
-# torchsnapshot's async_take returns before copying CPU tensors at or above this size (a bug in
-# both builds: an enum is compared with a string), so we raise it above the largest tensor.
-_SLAB_ENV = "TORCHSNAPSHOT_SLAB_SIZE_THRESHOLD_BYTES_OVERRIDE"
-_DEFAULT_SLAB = 128 * 1024 * 1024
+"""Stateful name -> an object with state_dict() / load_state_dict()."""
+StateDicts = dict[str, dict[str, Any]]
+"""Stateful name -> its state dict (what is staged and written)."""
 
 
-class PendingWrite(Protocol):
-    def wait(self) -> None: ...
-    def done(self) -> bool: ...
+class EngineReadError(RuntimeError):
+    """The engine could not read part of a snapshot (a damaged or truncated file, a missing entry)."""
 
 
 class Engine(Protocol):
@@ -35,126 +36,190 @@ class Engine(Protocol):
     marker: str
     """The file the library itself writes last; its presence is necessary (not sufficient) for completeness."""
 
-    def save(self, path: Path, app_state: AppState, ctx: DistContext, background: bool) -> PendingWrite: ...
-    def load(self, path: Path, app_state: AppState, ctx: DistContext) -> None: ...
+    def prepare_for_save(self, state: StateDicts, ctx: DistContext) -> StateDicts:
+        """On the training thread, before staging: reshape what this engine cannot take as it is."""
+        ...
 
+    def write(self, path: Path, state: StateDicts, ctx: DistContext) -> None:
+        """Write a staged state into ``path``; every rank calls it (collectives on ``ctx.ckpt_group``)."""
+        ...
 
-class _Done:
-    def wait(self) -> None:
-        return None
-
-    def done(self) -> bool:
-        return True
-
-
-class _Waiter:
-    def __init__(self, wait: Callable[[], Any], done: Callable[[], bool]) -> None:
-        self._wait, self._done = wait, done
-
-    def wait(self) -> None:
-        self._wait()
-
-    def done(self) -> bool:
-        return self._done()
-
-
-def _largest_tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return max((_largest_tensor_bytes(v) for v in obj.values()), default=0)
-    if isinstance(obj, (list, tuple)):
-        return max((_largest_tensor_bytes(v) for v in obj), default=0)
-    return 0
+    def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
+        """Read ``path`` into the live objects of ``app_state`` (a subset of what was saved)."""
+        ...
 
 
 class _Computed:
-    """A state dict already taken, presented as a Stateful for saving."""
+    """A state dict already taken, presented as a Stateful; what is loaded into it is kept in ``loaded``."""
 
     def __init__(self, sd: dict[str, Any]) -> None:
         self.sd = sd
+        self.loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        raise AssertionError("a computed state dict is only saved")
+        self.loaded = sd
+
+
+# ---------- torchsnapshot ----------
+def _private_random_for_torchsnapshot() -> None:
+    """torchsnapshot draws its event ids from Python's global ``random`` (snapshot._generate_random_int64),
+    which shifted the training run's own stream; and the writer thread may not save and restore the global
+    state around it while the training thread draws from it. Give the library a generator of its own."""
+    import torchsnapshot.snapshot as ts_snapshot
+
+    if not isinstance(ts_snapshot.random, random.Random):
+        assert ts_snapshot._generate_random_int64.__code__.co_names[:2] == ("random", "randint"), \
+            "torchsnapshot changed how it draws event ids; revisit engines._private_random_for_torchsnapshot"
+        ts_snapshot.random = random.Random()  # type: ignore[assignment]
+
+
+def empty_shard(t: Any) -> bool:
+    """A DTensor of which some rank holds no elements: torchsnapshot divides by the shard size then (FSDP2
+    cuts dim 0 into chunks of ceil(rows / ranks): a 4-class head over 3 ranks leaves the third none).
+    Decided from the shape and the mesh alone, so every rank decides alike."""
+    if not isinstance(t, DTensor):
+        return False
+    for mesh_dim, placement in enumerate(t.placements):
+        if isinstance(placement, Shard):
+            size, ranks = t.shape[placement.dim], t.device_mesh.size(mesh_dim)
+            if -(-size // ranks) * (ranks - 1) >= size:
+                return True
+    return False
+
+
+def _map_leaves(tree: Any, fn: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _map_leaves(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_leaves(v, fn) for v in tree]
+    return fn(tree)
+
+
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[list[logging.LogRecord]]:
+    """Collect what asyncio reports about failed tasks that nobody awaited ('Task exception was never
+    retrieved'), which is the only trace torchsnapshot leaves of a failed read, instead of letting it print
+    thousands of lines."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("asyncio")
+    handler, propagate = Collect(logging.ERROR), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 class TorchSnapshotEngine:
     name = "torchsnapshot"
     marker = ".snapshot_metadata"
 
-    def save(self, path: Path, app_state: AppState, ctx: DistContext, background: bool) -> PendingWrite:
+    def prepare_for_save(self, state: StateDicts, ctx: DistContext) -> StateDicts:
+        # A DTensor with an empty shard on some rank is stored whole, as a replicated entry (it is small: a
+        # tensor that does not fill every rank with one row each). full_tensor() is a collective; every rank
+        # decides alike from the shapes.
+        return {name: _map_leaves(sd, lambda t: t.full_tensor() if empty_shard(t) else t)
+                for name, sd in state.items()}
+
+    def write(self, path: Path, state: StateDicts, ctx: DistContext) -> None:
         from torchsnapshot import Snapshot
 
-        # Each state_dict() once: get_model/optimizer_state_dict cost ~0.1 s on a resnet34 Unet, all of it
-        # time the training loop is blocked.
-        app_state = {k: _Computed(v.state_dict()) for k, v in app_state.items()}
-        largest = max(_largest_tensor_bytes(v.sd) for v in app_state.values())
-        os.environ[_SLAB_ENV] = str(max(_DEFAULT_SLAB, largest + 1))
-        # torchsnapshot draws event ids from Python's global `random`; keep the training stream intact.
-        py_state = random.getstate()
-        try:
-            # Everything we store is identical on every rank (RNG states are gathered into TrainState),
-            # so "**" lets any world size read it; FSDP2's DTensor shards are excluded automatically.
-            if background:
-                if not ctx.distributed:
-                    _single_process_store()
-                pending = Snapshot.async_take(str(path), app_state, pg=ctx.ckpt_group, replicated=["**"])
-                return _Waiter(pending.wait, pending.done)
-            Snapshot.take(str(path), app_state, pg=ctx.ckpt_group, replicated=["**"])
-            return _Done()
-        finally:
-            random.setstate(py_state)
+        _private_random_for_torchsnapshot()
+        # Everything not sharded is identical on every rank (RNG states are gathered into TrainState, batch-norm
+        # buffers synchronized), so "**" lets any world size read it; DTensor shards are excluded automatically.
+        Snapshot.take(str(path), {k: _Computed(v) for k, v in state.items()}, pg=ctx.ckpt_group,
+                      replicated=["**"])
 
-    def load(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
+    def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
         from torchsnapshot import Snapshot
 
-        py_state = random.getstate()
-        try:
-            snapshot = Snapshot(str(path), pg=ctx.ckpt_group)
-            _match_sharding(snapshot, app_state, path)
-            snapshot.restore(app_state)
-        finally:
-            random.setstate(py_state)
+        _private_random_for_torchsnapshot()
+        snapshot = Snapshot(str(path), pg=ctx.ckpt_group)
+        targets = {k: _ReadTarget(k, v, snapshot.metadata.manifest) for k, v in app_state.items()}
+        with _engine_errors() as errors:
+            try:
+                snapshot.restore(targets)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - any failure to read is the snapshot's, named below
+                raise EngineReadError(f"torchsnapshot could not read {path}: {type(e).__name__}: {e}") from e
+        if errors:
+            first = errors[0].exc_info[1] if errors[0].exc_info else errors[0].getMessage()
+            raise EngineReadError(f"torchsnapshot failed to read {len(errors)} part(s) of {path}, e.g. "
+                                  f"{type(first).__name__}: {first}")
+        for target in targets.values():
+            target.finish()
 
 
-def _match_sharding(snapshot: Any, app_state: AppState, path: Path) -> None:
-    """torchsnapshot reads FSDP2's sharded DTensors only into DTensors. For an unsharded model (DDP, one
-    process, ``ckpt export``) we present those entries as ShardedTensors, which torchsnapshot's own reader
-    assembles into full plain tensors (in memory only; the snapshot is not changed). The other way, unsharded
-    state into FSDP2, it has no reader and loses the failure in a background task, leaving the weights as they
-    were: refuse. Every rank sees the same snapshot and strategy, so every rank decides alike."""
-    if "model" not in app_state:
-        return
-    from torch.distributed.tensor import DTensor
-    from torchsnapshot.manifest import DTensorEntry, ShardedTensorEntry
+class _ReadTarget:
+    """What torchsnapshot reads one stateful into. It reads an FSDP2 DTensor only into a DTensor laid out as
+    saved, and not at all where a rank holds an empty shard; so such entries (and every DTensor saved unsharded,
+    or unsharded state saved as DTensors) are read whole into a plain tensor and then sharded locally, with no
+    communication: every rank read the whole tensor."""
 
-    entries = snapshot.metadata.manifest
-    saved = any(isinstance(e, DTensorEntry) for k, e in entries.items() if k.startswith("0/model/"))
-    now = any(isinstance(v, DTensor) for v in app_state["model"].state_dict().values())
-    if saved and not now:
-        for key, entry in entries.items():
-            if isinstance(entry, DTensorEntry):
-                entries[key] = ShardedTensorEntry(shards=entry.shards)
-    elif now and not saved:
-        raise ValueError(
-            f"snapshot {path} holds unsharded (DDP or one-process) state written by the torchsnapshot engine, "
-            f"which cannot restore it into this FSDP2 run. Continue it once more with --dist.strategy ddp (or on "
-            f"one process) adding --checkpoint.engine dcp, whose snapshots load into FSDP2; or use "
-            f"--checkpoint.engine dcp from the start.")
+    def __init__(self, key: str, stateful: Any, manifest: dict[str, Any]) -> None:
+        self.key, self.stateful, self.manifest = key, stateful, manifest
+        # The manifest has one entry per rank that wrote a path ('RANK/stateful/...'): convert them all alike.
+        self.by_path: dict[str, list[str]] = {}
+        for k in manifest:
+            self.by_path.setdefault(k.split("/", 1)[1], []).append(k)
+        self.loaded: dict[str, Any] | None = None
+        # Now, before the restore: torchsnapshot takes its per-rank view of the manifest before it asks
+        # for the state dict.
+        from torchsnapshot.manifest import DTensorEntry, ShardedTensorEntry
+
+        self.live = stateful.state_dict()
+        self.targets = self._targets(self.live, key, DTensorEntry, ShardedTensorEntry)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.targets
+
+    def _targets(self, tree: Any, path: str, dtensor_entry: type, sharded_entry: type) -> Any:
+        if isinstance(tree, dict):
+            return {k: self._targets(v, f"{path}/{k}", dtensor_entry, sharded_entry) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self._targets(v, f"{path}/{i}", dtensor_entry, sharded_entry) for i, v in enumerate(tree)]
+        keys = self.by_path.get(path, [])
+        saved_sharded = any(isinstance(self.manifest[k], dtensor_entry) for k in keys)
+        read_whole = isinstance(tree, DTensor) and (not saved_sharded or empty_shard(tree))
+        if saved_sharded and (read_whole or not isinstance(tree, DTensor)):
+            # Read FSDP2 shards whole (into an unsharded model: DDP, one process, ckpt export; or to be
+            # sharded again here): torchsnapshot's ShardedTensor reader assembles them, in memory only.
+            for k in keys:
+                if isinstance(self.manifest[k], dtensor_entry):
+                    self.manifest[k] = sharded_entry(shards=self.manifest[k].shards)
+        return torch.empty(tree.shape, dtype=tree.dtype) if read_whole else tree
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.loaded = sd
+
+    def finish(self) -> None:
+        """Shard what was read whole, and load it all into the live object."""
+        if self.loaded is None:
+            raise EngineReadError(f"torchsnapshot restored nothing into '{self.key}'")
+
+        def reshard(live: Any, read: Any) -> Any:
+            if isinstance(live, dict) and isinstance(read, dict):
+                return {k: reshard(live.get(k), v) for k, v in read.items()}
+            if isinstance(live, list) and isinstance(read, list) and len(live) == len(read):
+                return [reshard(a, b) for a, b in zip(live, read)]
+            if isinstance(live, DTensor) and isinstance(read, torch.Tensor) and not isinstance(read, DTensor):
+                return distribute_tensor(read.to(live.device), live.device_mesh, live.placements,
+                                         src_data_rank=None)
+            return read
+
+        self.stateful.load_state_dict(reshard(self.live, self.loaded))
 
 
-def _single_process_store() -> None:
-    """async_take wants a store for its completion barrier; with no process group it tries to build a
-    TCPStore and crashes unpacking an IPv4 address as IPv6. An in-process HashStore serves one rank."""
-    from torchsnapshot import dist_store
-
-    if None not in dist_store._pg_to_store:
-        dist_store._pg_to_store[None] = torch.distributed.HashStore()
-
-
+# ---------- DCP ----------
 # At world size 1 we pass no_dist=True on purpose (DCP otherwise wants a process group even on one
 # device, pytorch issue 118554); its warning about "assuming single process" says nothing new.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized",
@@ -162,42 +227,27 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?u
 
 
 class DCPEngine:
-    """torch.distributed.checkpoint: reshards freely (any world size, DDP <-> FSDP2); ``async_save``
-    copies the state to CPU memory before it returns. Strings are stored as pickled bytes objects."""
+    """torch.distributed.checkpoint: reshards freely (any world size, DDP <-> FSDP2) and fails loudly on a
+    damaged file. Strings are stored as pickled bytes objects (read back weights-only)."""
 
     name = "dcp"
     marker = ".metadata"
 
-    def __init__(self) -> None:
-        self._stager: Any = None
+    def prepare_for_save(self, state: StateDicts, ctx: DistContext) -> StateDicts:
+        return state
 
-    def save(self, path: Path, app_state: AppState, ctx: DistContext, background: bool) -> PendingWrite:
+    def write(self, path: Path, state: StateDicts, ctx: DistContext) -> None:
         import torch.distributed.checkpoint as dcp
 
-        kwargs: dict[str, Any] = {"checkpoint_id": str(path), "process_group": ctx.ckpt_group,
-                                  "no_dist": not ctx.distributed}
-        if background:
-            future = dcp.async_save(app_state, async_stager=self._staging_buffers(), **kwargs)
-            future = getattr(future, "upload_completion", future)  # AsyncSaveResponse in newer torch
-            return _Waiter(future.result, future.done)
-        dcp.save(app_state, **kwargs)
-        return _Done()
+        dcp.save(state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed)
 
-    def _staging_buffers(self) -> Any:
-        """One stager for the engine's lifetime: it keeps the CPU copies of the previous snapshot and copies
-        into them again (a fresh stager allocates, and page-faults, the whole state every time). Reuse is
-        safe because the manager starts a snapshot only after the previous one has been written."""
-        if self._stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=False))
-        return self._stager
-
-    def load(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
+    def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.load(app_state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed)
+        try:
+            dcp.load(app_state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed)
+        except Exception as e:  # noqa: BLE001 - CheckpointException wraps every rank's failure
+            raise EngineReadError(f"DCP could not read {path}: {type(e).__name__}: {e}") from e
 
 
 ENGINES: dict[str, type] = {"torchsnapshot": TorchSnapshotEngine, "dcp": DCPEngine}

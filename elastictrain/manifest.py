@@ -1,9 +1,12 @@
 """What is on disk: snapshot naming, the commit record with its checksum manifest, discovery, verification.
 
-A snapshot directory counts as COMPLETE only when ``COMMIT.json`` exists in it. The commit record is
-written after every rank finished writing, atomically (temp file, fsync, rename, fsync of the
-directory), and lists a SHA-256 and size for every file of the snapshot. Nothing here needs a
-process group: these are pure file operations, unit-tested on their own.
+A snapshot directory counts as COMPLETE only when ``COMMIT.json`` exists in it and parses. The commit
+record is written after every rank finished writing, atomically (temp file, fsync, rename, fsync of the
+directory), and lists a SHA-256 and size for every file of the snapshot and (format 2) a fingerprint of
+every entry (see proof.py). A directory without the record is incomplete (cut off mid-write); one whose
+record exists but does not parse is damaged (a complete snapshot whose record was hurt afterwards): it
+is moved aside, never deleted. Nothing here needs a process group: these are pure file operations,
+unit-tested on their own.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 
 COMMIT = "COMMIT.json"
 BEST = "BEST.json"
-FORMAT = 1
+FORMAT = 2
+FORMATS = (1, 2)
+"""Format 1 has no entry fingerprints (its restores are checked by checksums only)."""
 _NAME = re.compile(r"^epoch(?P<epoch>\d+)-step(?P<step>\d+)$")
 _ASIDE = re.compile(r"^epoch\d+-step\d+\.(?P<why>damaged|superseded)-\d+$")
 _CHUNK = 8 * 1024 * 1024
@@ -45,7 +50,9 @@ def parse_name(name: str) -> tuple[int, int]:
 class SnapshotInfo:
     path: Path
     commit: dict[str, Any] | None
-    """The parsed commit record, or None when the snapshot is incomplete (or its record unreadable)."""
+    """The parsed commit record, or None when the snapshot is incomplete or its record is damaged."""
+    problem: str | None = None
+    """Why the commit record is unusable although it exists (the snapshot is damaged), else None."""
 
     @property
     def name(self) -> str:
@@ -61,8 +68,19 @@ class SnapshotInfo:
         return step, epoch
 
     @property
+    def damaged(self) -> bool:
+        return self.problem is not None
+
+    @property
     def tier(self) -> str:
+        if self.problem is not None:
+            return "damaged"
         return self.commit["tier"] if self.commit else "incomplete"
+
+
+def snapshot_id(commit: dict[str, Any]) -> str:
+    """A snapshot's identity, stable when its directory is copied or moved (format 1 had no ``id``)."""
+    return commit.get("id") or f"{commit.get('name')}@{commit.get('committed_at')}"
 
 
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -111,24 +129,56 @@ def write_commit(snapshot: Path, info: dict[str, Any]) -> dict[str, Any]:
     fsync_dir(snapshot)
     record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
               "checksum_seconds": round(time.time() - start, 4)}
+    record["record_sha256"] = _record_digest(record)
     atomic_write_json(snapshot / COMMIT, record)
     return record
 
 
+def _record_digest(record: dict[str, Any]) -> str:
+    """SHA-256 of the record itself (all but this field): a changed manifest or entry list is damage too."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_commit(snapshot: Path) -> dict[str, Any] | None:
+    """The commit record, or None when it is missing or unusable (see :func:`commit_problem`)."""
+    return _load_commit(snapshot)[0]
+
+
+def commit_problem(snapshot: Path) -> str | None:
+    """Why an existing commit record cannot be used, or None (it is fine, or there is none)."""
+    return _load_commit(snapshot)[1]
+
+
+def _load_commit(snapshot: Path) -> tuple[dict[str, Any] | None, str | None]:
+    path = snapshot / COMMIT
     try:
-        record = json.loads((snapshot / COMMIT).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("files"), dict):
-        return None
-    return record
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path}: unreadable ({e})"
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        return None, f"{path}: not valid JSON ({e})"
+    if not isinstance(record, dict) or record.get("format") not in FORMATS or not isinstance(record.get("files"), dict):
+        return None, f"{path}: not a commit record of a known format ({', '.join(map(str, FORMATS))})"
+    if "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+        return None, f"{path}: checksum mismatch (the commit record was changed after it was written)"
+    if record.get("format", 1) >= 2 and "record_sha256" not in record:
+        return None, f"{path}: no checksum of its own (the commit record was changed after it was written)"
+    return record, None
 
 
 def verify(snapshot: Path, commit: dict[str, Any], marker: str) -> str | None:
-    """Return None if every file matches the manifest, else a message naming the damaged file."""
+    """Return None if the files are exactly those of the manifest with their sizes and checksums, else a
+    message naming the damaged (or unexpected) file."""
     if marker not in commit["files"]:
         return f"{snapshot / marker}: engine metadata missing from the manifest"
+    for path in data_files(snapshot):
+        if str(path.relative_to(snapshot)) not in commit["files"]:
+            return f"{path}: not in the manifest of {snapshot / COMMIT} (added or renamed after the commit)"
     for rel, expect in commit["files"].items():
         path = snapshot / rel
         try:
@@ -148,7 +198,7 @@ def list_snapshots(root: Path) -> list[SnapshotInfo]:
     """Every snapshot directory under ``root``, newest (highest step) first, complete or not."""
     if not root.is_dir():
         return []
-    infos = [SnapshotInfo(p, read_commit(p)) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
+    infos = [SnapshotInfo(p, *_load_commit(p)) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
     return sorted(infos, key=lambda i: i.order, reverse=True)
 
 

@@ -91,17 +91,6 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def empty_shards(model: nn.Module, world_size: int) -> dict[str, int]:
-    """Parameters (name -> rows) of which FSDP2 leaves some rank no rows at this world size: it cuts dim 0
-    into chunks of ceil(rows / world size), so a 4-class head's 4 rows over 3 ranks give the third none."""
-    empty = {}
-    for name, param in model.named_parameters():
-        rows = param.shape[0] if param.dim() else 1
-        if -(-rows // world_size) * (world_size - 1) >= rows:
-            empty[name] = rows
-    return empty
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under a DDP wrapper (FSDP2 shards in place, so it is its own root)."""
     return model.module if isinstance(model, DistributedDataParallel) else model

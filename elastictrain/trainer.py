@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from elastictrain import device as devices
-from elastictrain import manifest
-from elastictrain.checkpoint import CheckpointManager, build_app_state
+from elastictrain.checkpoint import CheckpointManager, ResumeInfo, build_app_state
 from elastictrain.config import Config, to_dict
 from elastictrain.data import build_loaders
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, broadcast_object
+from elastictrain.errors import UserError
+from elastictrain.export import export_model
 from elastictrain.faults import FaultInjector
 from elastictrain.metrics import MetricsLogger, progress, write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, scores
-from elastictrain.parallelize import empty_shards, grad_sync, resolve_strategy, sync_buffers, wrap
+from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
 from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everything
 
@@ -35,12 +36,12 @@ def batch_geometry(batch_size: int, micro_batch_size: int, world_size: int) -> t
     """(micro batch per rank, accumulation steps) giving exactly ``batch_size`` samples per optimizer
     step at this world size, so a restart at another world size keeps the same optimization."""
     if batch_size % world_size:
-        raise ValueError(f"--train.batch_size {batch_size} (global) is not divisible by the world size "
+        raise UserError(f"--train.batch_size {batch_size} (global) is not divisible by the world size "
                          f"{world_size}; choose a multiple of {world_size}")
     per_rank = batch_size // world_size
     micro = micro_batch_size or per_rank
     if per_rank % micro:
-        raise ValueError(f"--train.micro_batch_size {micro} does not divide the per-rank batch {per_rank} "
+        raise UserError(f"--train.micro_batch_size {micro} does not divide the per-rank batch {per_rank} "
                          f"(--train.batch_size {batch_size} / world size {world_size})")
     return micro, per_rank // micro
 
@@ -71,7 +72,6 @@ class Trainer:
         self.strategy = resolve_strategy(cfg.dist.strategy, ctx)
         self.amp_dtype = devices.autocast_dtype(ctx.device, cfg.train.precision)
         self.model: nn.Module = wrap(model, self.strategy, ctx, self.amp_dtype)
-        self._check_engine_can_shard()
         seed_everything(cfg.run.seed, ctx.rank)
         self.micro_batch, self.accum = batch_geometry(cfg.train.batch_size, cfg.train.micro_batch_size,
                                                       ctx.world_size)
@@ -85,67 +85,34 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if devices.needs_grad_scaler(ctx.device, self.amp_dtype) else None
         self.loss_fn = SegmentationLoss()
         self.faults = FaultInjector(cfg.debug.fault, self.run_dir, ctx.rank)
-        self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, self.faults)
+        self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, to_dict(cfg),
+                                              prepare=self._prepare_snapshot, faults=self.faults)
         self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
         self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
         self.preemption = preemption or Preemption(cfg.preemption)
-        self.snapshot_step = -1
-        """Step of the last snapshot this process started; a preemption at that very step needs no second one."""
-
-    def _check_engine_can_shard(self) -> None:
-        """torchsnapshot cannot take an FSDP2 parameter of which a rank holds no rows (it divides by the
-        shard's size): refuse at start-up rather than at the first snapshot. DCP takes them."""
-        snapshots = self.cfg.checkpoint
-        if self.strategy != "fsdp" or snapshots.engine != "torchsnapshot" or snapshots.mode == "off":
-            return
-        empty = empty_shards(self.model, self.ctx.world_size)
-        if empty:
-            listed = ", ".join(f"{name} ({rows} rows)" for name, rows in list(empty.items())[:4])
-            raise ValueError(f"--checkpoint.engine torchsnapshot cannot snapshot this FSDP2 model at world size "
-                             f"{self.ctx.world_size}: it leaves a rank without rows of {listed}. Use "
-                             f"--checkpoint.engine dcp (torchsnapshot snapshots taken so far still restore) or "
-                             f"another world size.")
 
     # ---------- start-up ----------
     def resume(self) -> dict[str, Any] | None:
         """Continue from the latest complete snapshot if there is one; there is no separate resume mode."""
-        path = self.checkpointer.latest_complete_snapshot()
-        if path is None:
-            log.info("no snapshot in %s: starting fresh", self.checkpointer.root)
+        resumed = self.checkpointer.restore_latest(self.app_state)
+        if resumed is None:
             return None
-        stored = self.checkpointer.read_train_state(path)
-        self._check_compatible(stored.config, path)
-        self.checkpointer.restore(path, self.app_state)
-        self._after_restore(stored.config)
-        if not self.cfg.checkpoint.resume_from:  # the latest complete snapshot already holds this step
-            self.snapshot_step = self.state.step
-        info = {"epoch": self.state.epoch, "step": self.state.step, "sample_offset": self.state.sample_offset,
-                "snapshot": str(path), "world_size": self.ctx.world_size, "previous_world_size": self.state.world_size,
-                "attempt": self.ctx.attempt, "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+        self._after_restore(resumed)
         log.info("resuming from epoch %d step %d (snapshot %s, taken at world size %d, now %d)",
-                 self.state.epoch, self.state.step, path, self.state.world_size, self.ctx.world_size)
-        return info
+                 resumed.epoch, resumed.step, resumed.path, resumed.world_size, self.ctx.world_size)
+        return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": resumed.sample_offset,
+                "snapshot": str(resumed.path), "world_size": self.ctx.world_size,
+                "previous_world_size": resumed.world_size, "attempt": self.ctx.attempt,
+                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
 
-    def _check_compatible(self, stored: dict[str, Any], path: Path) -> None:
-        """Refuse a changed model before anything is loaded or overwritten; warn on changed hyper-parameters."""
-        now = to_dict(self.cfg)
-        if stored.get("model") != now["model"] or stored["data"]["num_classes"] != now["data"]["num_classes"]:
-            changed = {k: (stored["model"].get(k), v) for k, v in now["model"].items() if stored["model"].get(k) != v}
-            if stored["data"]["num_classes"] != now["data"]["num_classes"]:
-                changed["data.num_classes"] = (stored["data"]["num_classes"], now["data"]["num_classes"])
-            raise ValueError(f"the model differs from the one in snapshot {path}: {changed} (snapshot, now). "
-                             f"Use a new --run.dir to train a different model, or restore the --model settings.")
-        for section, key in (("train", "batch_size"), ("optim", "lr")):
-            if stored[section][key] != now[section][key]:
-                log.warning("--%s.%s changed on resume: %s in the snapshot, %s now", section, key,
-                            stored[section][key], now[section][key])
-
-    def _after_restore(self, stored: dict[str, Any]) -> None:
-        if stored["optim"]["lr"] != self.cfg.optim.lr:
+    def _after_restore(self, resumed: ResumeInfo) -> None:
+        if resumed.config["optim"]["lr"] != self.cfg.optim.lr:
             self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.scheduler.base_lrs]
         if self.state.sample_offset % self.loaders.train_sampler.global_batch:
-            raise ValueError(f"the snapshot stopped mid-epoch after {self.state.sample_offset} samples, which is "
-                             f"not a whole number of --train.batch_size {self.cfg.train.batch_size} batches")
+            raise UserError(f"the snapshot {resumed.path} stopped mid-epoch after {self.state.sample_offset} "
+                            f"samples, which is not a whole number of --train.batch_size {self.cfg.train.batch_size} "
+                            f"batches: finish that epoch with the batch size it had "
+                            f"({resumed.config['train']['batch_size']}), then change it")
         rng = self.state.rng
         if self.ctx.rank < len(rng):
             restore_rng(rng[self.ctx.rank], self.ctx.device)
@@ -259,9 +226,7 @@ class Trainer:
         self.metrics.log("val", **record, world_size=self.ctx.world_size)
         log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, IoU %.4f", self.state.epoch,
                  self.cfg.train.epochs, self.state.step, self.epoch_train_loss, val["val_loss"], val["iou"])
-        self._prepare_snapshot()
-        if self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"]):
-            self.snapshot_step = self.state.step
+        self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
 
     def log_train(self, epoch: int, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
@@ -285,14 +250,9 @@ class Trainer:
         log.warning("preemption requested (%s): snapshot at epoch %d step %d, then exit %d",
                     self.preemption.requested or "a signal on another rank", self.state.epoch, self.state.step,
                     self.cfg.preemption.exit_code)
-        if self.snapshot_step == self.state.step:  # signalled right after an epoch-end snapshot: just commit it
-            self.checkpointer.wait()
-            name = manifest.snapshot_name(self.state.epoch, self.state.step)
-        else:
-            self._prepare_snapshot()
-            name = self.checkpointer.save_now(self.app_state, self.state)
+        name = self.checkpointer.save_now(self.app_state, self.state)  # a no-op where it holds this step already
         deadline.cancel()
-        self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name,
+        self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name or "",
                          signal=self.preemption.requested or "", world_size=self.ctx.world_size,
                          exit_code=self.cfg.preemption.exit_code)
         self.preemption.answered()
@@ -300,7 +260,7 @@ class Trainer:
 
     def finish(self) -> None:
         path = self.run_dir / "final_model.pt"
-        export_full_state(self.model, path, self.ctx)
+        export_model(self.model, path, self.ctx)
         best = self.state.best_snapshot
         summary = {"epochs": self.state.epoch, "steps": self.state.step, "best_val_loss": self.state.best_val_loss,
                    "final_model": str(path), "best_snapshot": str(self.checkpointer.root / best) if best else "",
@@ -313,22 +273,10 @@ class Trainer:
     def close(self) -> None:
         self.preemption.uninstall()
         with contextlib.suppress(Exception):
-            self.checkpointer.close()
+            self.checkpointer.close(timeout=5.0)
         self.metrics.close()
         self.preemption.end_if_unanswered()
         # The process ends next. Interpreter shutdown would walk the whole heap of torch objects with the
         # cyclic GC, 3.7-4.2 s on the loaded 2-core CI machine (0.4-0.8 s frozen), while torchrun waits to
         # restart the group; the OS frees it all anyway.
         gc.freeze()
-
-
-def export_full_state(model: nn.Module, path: Path, ctx: DistContext) -> None:
-    """A plain, unsharded state dict on CPU that ``torch.load(weights_only=True)`` reads on any device;
-    written to a temp file and renamed, so a crash never leaves a torn final model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.is_main:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({k: v.detach().cpu().contiguous() for k, v in full.items()}, tmp)
-        os.replace(tmp, path)

@@ -17,13 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from elastictrain import manifest
+from elastictrain import manifest, proof
 from elastictrain.checkpoint import CheckpointManager, JsonState, build_app_state
 from elastictrain.ckpt_cli import main as ckpt_main
 from elastictrain.config import CheckpointConfig, from_dict
 from elastictrain.dist import DistContext
 from elastictrain.engines import build_engine
+from elastictrain.errors import UserError
 from elastictrain.model import build_model
+from elastictrain.offline import open_snapshot, read_snapshot_state
 from elastictrain.state import TrainState
 from helpers import assert_bitwise_equal, load_final, read_jsonl, run_cli, tiny_args
 
@@ -59,23 +61,22 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 # ---------- engines and manager, in-process ----------
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("background", [False, True])
-def test_json_train_state_round_trips(tmp_path: Path, engine: str, background: bool) -> None:
+def test_json_train_state_round_trips(tmp_path: Path, engine: str) -> None:
     """TrainState travels as one JSON string: both engines store a str (DCP as pickled bytes) and give it back."""
     state = TrainState(epoch=3, step=12, sample_offset=16, best_val_loss=math.inf, best_snapshot="",
                        history=[{"epoch": 1, "val_loss": 2.5}], config={"model": {"decoder_channels": [8, 8]}},
                        run_id="abc", world_size=2, rng=[{"torch": list(range(20))}, {"torch": [1]}])
-    build_engine(engine).save(tmp_path / "s", {"train": JsonState(state)}, WS1, background=background).wait()
+    build_engine(engine).write(tmp_path / "s", {"train": JsonState(state).state_dict()}, WS1)
     back = TrainState()
-    build_engine(engine).load(tmp_path / "s", {"train": JsonState(back)}, WS1)
+    build_engine(engine).read(tmp_path / "s", {"train": JsonState(back)}, WS1)
     assert back == state
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_async_snapshot_keeps_values_from_before_in_place_updates(tmp_path: Path, engine: str) -> None:
-    """A real async snapshot of a 160 MB tensor (torchsnapshot's async_take does not copy CPU tensors of
-    128 MB or more by itself) and small ones: updating them in place right after the call returns must
-    not reach the snapshot."""
+    """A real async snapshot of a 160 MB tensor (torchsnapshot's own async_take did not copy CPU tensors of
+    128 MB or more) and small ones: updating them in place right after the call returns must not reach the
+    snapshot, and a second snapshot into the same staging buffers holds the newer values."""
     big = torch.arange(40 * 1024 * 1024, dtype=torch.float32)  # 160 MB
     bag = TensorBag({"big": big, "small": torch.randn(1000), "step": torch.tensor(7)})
     before = {k: v.clone() for k, v in bag.tensors.items()}
@@ -85,20 +86,19 @@ def test_async_snapshot_keeps_values_from_before_in_place_updates(tmp_path: Path
     assert mgr.maybe_save(app, state, val_loss=1.0)  # returns while the write is in flight
     for t in bag.tensors.values():
         t.add_(1)
-    if engine == "torchsnapshot":
-        assert int(os.environ["TORCHSNAPSHOT_SLAB_SIZE_THRESHOLD_BYTES_OVERRIDE"]) > big.numel() * 4
     middle = {k: v.clone() for k, v in bag.tensors.items()}
-    state.epoch, state.step = 2, 8  # a second one: DCP copies into the staging buffers of the first again
+    state.epoch, state.step = 2, 8  # a second one: copied into the staging buffers of the first again
     assert mgr.maybe_save(app, state, val_loss=0.5)
     for t in bag.tensors.values():
         t.mul_(3)
     mgr.wait()
-    assert mgr.latest_complete_snapshot() == mgr.root / manifest.snapshot_name(2, 8)  # verifies checksums
     for name, expect in ((manifest.snapshot_name(1, 4), before), (manifest.snapshot_name(2, 8), middle)):
         fresh = TensorBag({k: torch.zeros_like(v) for k, v in before.items()})
-        mgr.restore(mgr.root / name, {"bag": fresh})
+        commit = open_snapshot(mgr.root / name)  # verifies checksums
+        build_engine(engine).read(mgr.root / name, {"bag": fresh}, WS1)
         for k, v in expect.items():
             assert torch.equal(fresh.tensors[k], v), f"{name} {k}: holds values written after save returned"
+        assert commit["entries"]["bag/big"][3] == proof.tensor_fingerprint(expect["big"])
 
 
 def tiny_training(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -141,9 +141,9 @@ def test_manager_tiers_best_retention_and_exact_restore(tmp_path: Path, engine: 
 
     model2, opt2, sched2 = tiny_training(seed=1)
     state2 = TrainState()
-    path = mgr.latest_complete_snapshot()
-    assert path == mgr.root / "epoch00006-step00000006"
-    mgr.restore(path, build_app_state(model2, opt2, sched2, None, state2))
+    resumed = manager(tmp_path, engine).restore_latest(build_app_state(model2, opt2, sched2, None, state2))
+    assert resumed is not None and resumed.path == mgr.root / "epoch00006-step00000006"
+    assert (resumed.epoch, resumed.step, resumed.sample_offset) == (6, 6, 0)
     assert_bitwise_equal(model.state_dict(), model2.state_dict())
     assert state2 == state and sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
     for p, p2 in zip(model.parameters(), model2.parameters()):
@@ -155,8 +155,8 @@ def test_manager_tiers_best_retention_and_exact_restore(tmp_path: Path, engine: 
     name = mgr.save_now(app, state)
     commit = manifest.read_commit(mgr.root / name)
     assert commit is not None and commit["tier"] == "rolling" and commit["val_loss"] is None
-    assert mgr.read_train_state(mgr.root / name).sample_offset == 8
-    assert len(mgr.blocked_seconds) == 7
+    assert read_snapshot_state(mgr.root / name, commit).sample_offset == 8
+    assert mgr.save_now(app, state) == name and len(mgr.blocked_seconds) == 7  # it holds this step already
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -176,7 +176,9 @@ def test_discovery_removes_incomplete_and_sets_damaged_aside(tmp_path: Path, eng
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert mgr.latest_complete_snapshot() == mgr.root / "epoch00001-step00000001"
+    fresh = tiny_training(seed=1)
+    resumed = manager(tmp_path, engine).restore_latest(build_app_state(*fresh, None, TrainState()))
+    assert resumed is not None and resumed.path == mgr.root / "epoch00001-step00000001"
     assert not (mgr.root / "epoch00003-step00000003").exists()
     aside = [p.name for p, why in manifest.aside_dirs(mgr.root) if why == "damaged"]
     assert len(aside) == 1 and aside[0].startswith("epoch00002-step00000002.damaged-")
@@ -184,8 +186,8 @@ def test_discovery_removes_incomplete_and_sets_damaged_aside(tmp_path: Path, eng
 
 def test_explicit_snapshot_must_be_complete_and_intact(tmp_path: Path) -> None:
     mgr = manager(tmp_path, "torchsnapshot", resume_from=str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="nope is not a complete snapshot"):
-        mgr.latest_complete_snapshot()
+    with pytest.raises(UserError, match="nope is not a complete snapshot"):
+        mgr.restore_latest(build_app_state(*tiny_training(), None, TrainState()))
 
 
 # ---------- the real CLI at world size 1 ----------
@@ -329,13 +331,14 @@ def test_ckpt_subcommands(six_epoch_run: Callable[[str], Path], tmp_path: Path, 
     assert "dry run: would delete" in out and tree_digest(root) == before
     assert ckpt_main(["clean", str(run_dir), "--yes"]) == 0
     kept = {p.name for p in root.iterdir() if p.is_dir()}
-    assert kept == {newest.name, "epoch00005-step00000020", best}
+    assert kept == {newest.name, "epoch00005-step00000020", best, "epoch00003-step00000012.damaged-1"}
+    capsys.readouterr()
+    assert ckpt_main(["clean", str(run_dir), "--yes", "--delete-damaged"]) == 0  # only when named
+    assert {p.name for p in root.iterdir() if p.is_dir()} == kept - {"epoch00003-step00000012.damaged-1"}
     assert ckpt_main(["list", str(run_dir), "--verify"]) == 0  # what is left is intact
 
 
 def load_config_of(snapshot: Path) -> dict[str, Any]:
-    from elastictrain.checkpoint import open_snapshot, read_snapshot_state
-
     return read_snapshot_state(snapshot, open_snapshot(snapshot)).config
 
 

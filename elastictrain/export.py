@@ -1,0 +1,45 @@
+"""The one way a model leaves elastictrain: a plain, unsharded state dict on CPU in a file that
+``torch.load(path, weights_only=True)`` reads on any device, into the model its config builds.
+
+Used for RUN_DIR/final_model.pt at the end of a run and by ``elastictrain ckpt export``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from elastictrain.dist import DistContext
+from elastictrain.errors import UserError
+
+
+def export_model(model: nn.Module, out: Path, ctx: DistContext) -> None:
+    """Gather the full weights (a collective under FSDP2: every rank calls this) and write them on rank 0,
+    to a temp file renamed into place, so a crash never leaves a torn file and a failure leaves nothing.
+
+    Raises:
+        UserError: ``out`` is a directory, or its folder does not exist.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such directory for the exported model")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in full.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
