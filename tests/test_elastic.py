@@ -152,6 +152,9 @@ def test_node_loss_then_a_new_node_joins(jobs: Jobs, tmp_path: Path) -> None:
     first.touch()
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["world_size"] == 2 and r["step"] >= 6, 300,
                     "training at world size 2")
+    # The premise: a complete snapshot (epoch 1, committed in the background while epoch 2 trains).
+    wait_for(lambda: (run_dir / "snapshots" / "epoch00001-step00000004" / "COMMIT.json").exists(), 60,
+             "the epoch-1 snapshot committed")
     lost = next(name for name in ("node-a", "node-b") if rank_of_worker(nodes[name].pid) == "0")
     kill_tree(nodes.pop(lost).pid)
     killed = time.time()
@@ -217,12 +220,13 @@ def check_loss_continuity(records: list[dict[str, Any]]) -> None:
 
 def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
         reference_runs: dict[int, Path], jobs: Jobs, tmp_path: Path) -> None:
-    """Rank 1 SIGSTOPs itself after step 6. Rank 0's next collective fails after --dist.timeout_s
+    """Rank 1 SIGSTOPs itself right after the epoch-1 snapshot was written (so that one is complete: its commit
+    is written by rank 0), while epoch 2 trains. Rank 0's next collective fails after --dist.timeout_s
     (gloo's default would be 30 minutes); torchrun then SIGTERMs both workers, which the stopped one
     cannot act on, and SIGKILLs it after its fixed 30 s restart grace (torch 2.14.1: ``_stop_workers``
     ignores --shutdown-timeout); the restarted workers resume and finish the job exactly."""
     run_dir, timeout_s = tmp_path / "run", 10
-    fault = "hang@step=6:rank=1"
+    fault = "hang@saved=1:rank=1"
     cmd = torchrun_cmd(tiny_args(run_dir, "--debug.fault", fault, "--dist.timeout_s", str(timeout_s)), tmp_path,
                        nproc=2)
     agent = jobs.start(cmd, "agent")
