@@ -280,6 +280,8 @@ class CheckpointManager:
             self.engine.write(path, staged, self.ctx)
             complete, partial = proof.local_record(staged)
             partials = all_gather_object(self.ctx, partial, group=self.ctx.ckpt_group)  # also: all ranks wrote
+            if self.faults:
+                self.faults.maybe_fire("commit", info["epoch"])
             if self.ctx.is_main:
                 # What the benchmark reads back: from the save call to the engine's last byte written.
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)

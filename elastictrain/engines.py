@@ -243,10 +243,11 @@ class DCPEngine:
 
     def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         try:
             dcp.load(app_state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed)
-        except Exception as e:  # noqa: BLE001 - CheckpointException wraps every rank's failure
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             raise EngineReadError(f"DCP could not read {path}: {type(e).__name__}: {e}") from e
 
 

@@ -8,9 +8,11 @@ KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
        groupterm the rank sends SIGTERM to its whole process group, DataLoader workers included
                 (what SLURM delivers: it signals every process of a job)
        hang     the rank SIGSTOPs itself (a frozen peer; others hit the collective timeout)
-POINT  step     right after optimizer step N completed
+POINT  start    after start-up, before the first step of this process (N is ignored; use 0)
+       step     right after optimizer step N completed
        saving   right after the snapshot after epoch N was started (async write in flight)
-       saved    right after the snapshot after epoch N was committed
+       commit   on the writer thread, right before the commit record of the snapshot after epoch N
+       saved    right after the snapshot after epoch N was written (on rank 0: committed)
        restore  while restoring (N is ignored; use 0)
 
 A fault fires once per run directory: a marker under RUN_DIR/.faults/ is created atomically first, so
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang")
-POINTS = ("step", "saving", "saved", "restore")
+POINTS = ("start", "step", "saving", "commit", "saved", "restore")
 _FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?$")
 
 
@@ -56,7 +58,7 @@ class FaultInjector:
 
     def maybe_fire(self, point: str, n: int) -> None:
         f = self.fault
-        if f is None or f.point != point or self.rank != f.rank or (point != "restore" and n != f.n):
+        if f is None or f.point != point or self.rank != f.rank or (point not in ("start", "restore") and n != f.n):
             return
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -128,6 +128,7 @@ class Trainer:
         run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
         # Only rank 0 talks to wandb, but the train state is a replicated snapshot entry: every rank holds its id.
         self.state.run_id = broadcast_object(self.ctx, run_id)
+        self.faults.maybe_fire("start", 0)
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             if not self.train_epoch(epoch):
                 return self.stop_for_preemption()
