@@ -27,6 +27,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +47,7 @@ from elastictrain.dist import DistContext, all_gather_object, on_main_together, 
 from elastictrain.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
+from elastictrain.interval import SnapshotClock
 from elastictrain.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ class ModelState:
 
     def state_dict(self) -> dict[str, Any]:
         return get_model_state_dict(self.model)
+
+    def snapshot_state_dict(self) -> dict[str, Any]:
+        """The state dict to stage in the background: buffers (batch-norm statistics) are copied now, because
+        the next forward changes them in place; parameters only change at the next optimizer step, which waits
+        for the staging (:meth:`CheckpointManager.before_optimizer_step`)."""
+        from elastictrain.parallelize import unwrap
+
+        buffers = {name for name, _ in unwrap(self.model).named_buffers()}
+        return {k: v.clone() if k in buffers else v for k, v in self.state_dict().items()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         set_model_state_dict(self.model, sd)
@@ -152,11 +163,13 @@ class CheckpointManager:
         prepare: called on every rank right before the state is copied (the trainer makes replicated state
             identical across ranks and gathers RNG states there); only when a snapshot is really taken.
         faults: test-only fault injection.
+        on_event: called on rank 0 with (event name, step, fields) for metrics.jsonl (the snapshot interval).
     """
 
     def __init__(self, cfg: CheckpointConfig, ctx: DistContext, run_dir: Path, total_epochs: int,
                  run_config: dict[str, Any] | None = None, prepare: Callable[[], None] | None = None,
-                 faults: FaultInjector | None = None) -> None:
+                 faults: FaultInjector | None = None,
+                 on_event: Callable[[str, int, dict[str, Any]], None] | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.root = run_dir / "snapshots"
@@ -165,7 +178,11 @@ class CheckpointManager:
         self.prepare = prepare
         self.engine: Engine = build_engine(cfg.engine)
         self.faults = faults
+        self.on_event = on_event
+        self.clock = SnapshotClock(cfg.every_steps, cfg.every_minutes, cfg.mtbf_hours)
+        self._interval_logged: float | None = None
         self._stager: Any = None
+        self._staging: Future | None = None
         self._writer: threading.Thread | None = None
         self._writing = ""
         self._error: BaseException | None = None
@@ -204,6 +221,57 @@ class CheckpointManager:
         return self._save(app_state, state, val_loss, is_best, background=self.cfg.mode == "async",
                           end_of_epoch=True) is not None
 
+    def set_failure_history(self, failures: int, hours_observed: float, step: int) -> None:
+        """What this run directory has seen (interval.failure_history), for the automatic interval."""
+        self.clock.failures, self.clock.hours_observed = failures, hours_observed
+        if self.clock.interval_s() is not None and self.cfg.mode != "off":
+            self._report_interval(step, force=True)
+
+    def wants_snapshot(self, state: TrainState) -> bool:
+        """At a step boundary inside an epoch: is a mid-epoch snapshot due, in this rank's view? (Steps are
+        the same on every rank; clocks are not: the trainer agrees on the answer in its boundary collective.)"""
+        now = time.monotonic()
+        writer_done = self._writer is not None and not self._writer.is_alive()
+        self.clock.boundary(now, writing=self._writer is not None)
+        if writer_done and self.clock.written() is not None and self.clock.auto:
+            self._report_interval(state.step)
+        if self.cfg.mode == "off" or state.step == self._held_step:
+            return False
+        return self.clock.due(state.step, now)
+
+    def save_mid_epoch(self, app_state: AppState, state: TrainState) -> str | None:
+        """A rolling snapshot at this step boundary (every_steps / every_minutes), in the background in async mode."""
+        return self._save(app_state, state, None, False, background=self.cfg.mode == "async", end_of_epoch=False)
+
+    def before_optimizer_step(self) -> None:
+        """Wait until the snapshot being staged has copied the parameters and optimizer state, which the
+        optimizer step is about to change (torchtitan's maybe_wait_for_staging)."""
+        if self._staging is not None:
+            start = time.perf_counter()
+            try:
+                self._staging.result()
+            except Exception:  # noqa: BLE001 - the writer reports it, on every rank at once (wait())
+                pass
+            self._staging = None
+            waited = time.perf_counter() - start
+            self.clock.add_blocked(waited)
+            if self.blocked_seconds:
+                self.blocked_seconds[-1] += waited
+
+    def _report_interval(self, step: int, force: bool = False) -> None:
+        interval = self.clock.interval_s()
+        if interval is None or not self.ctx.is_main:
+            return
+        if not force and self._interval_logged and abs(interval - self._interval_logged) < 0.1 * self._interval_logged:
+            return
+        self._interval_logged = interval
+        log.info("%s", self.clock.describe())
+        if self.on_event is not None:
+            self.on_event("snapshot_interval", step, {
+                "interval_s": round(interval, 3), "cost_s": self.clock.cost_s if self.clock.cost_s is not None else -1.0,
+                "mtbf_h": round(self.clock.mtbf_s / 3600, 3), "failures_seen": self.clock.failures,
+                "reason": self.clock.describe()})
+
     def save_now(self, app_state: AppState, state: TrainState) -> str | None:
         """A snapshot at the current step (preemption), returned once committed: its name, or None when there
         is nothing to save. A no-op for a step this run already holds (restored from it, or saved it)."""
@@ -236,6 +304,7 @@ class CheckpointManager:
                 "world_size": self.ctx.world_size, "tier": self.tier(state.epoch, end_of_epoch),
                 "val_loss": val_loss, "is_best": is_best, "started_at": time.time()}
         staged = self._stage(app_state)
+        self._staging = staged if isinstance(staged, Future) else None
         self._writing, self._held_step = name, state.step
         self._writer = threading.Thread(target=self._write, args=(path, staged, info), name=f"snapshot-{name}",
                                         daemon=True)
@@ -244,20 +313,25 @@ class CheckpointManager:
             self.faults.maybe_fire("saving", state.epoch)
         if not background:
             self.wait()
-        self.blocked_seconds.append(time.perf_counter() - start)
+        blocked = time.perf_counter() - start
+        self.blocked_seconds.append(blocked)
+        self.clock.started(time.monotonic(), blocked)
         return name
 
-    def _stage(self, app_state: AppState) -> StateDicts:
+    def _stage(self, app_state: AppState) -> StateDicts | Future:
         """Copy the state into CPU buffers kept from one snapshot to the next (reallocating and page-faulting
-        280 MB each time costs ~8x the copy): afterwards training may change the live tensors freely."""
+        280 MB each time costs ~8x the copy). In async mode the copy runs on the stager's thread while the next
+        step's forward and backward run: what a forward changes (buffers) is copied here first, and the next
+        optimizer step waits for the rest (:meth:`before_optimizer_step`)."""
+        background = self.cfg.mode == "async"
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             cuda = self.ctx.device.type == "cuda"
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=False))
-        live = self.engine.prepare_for_save({k: v.state_dict() for k, v in app_state.items()}, self.ctx)
-        return self._stager.stage(live)
+                                                        use_async_staging=background, use_non_blocking_copy=cuda))
+        live = {k: getattr(v, "snapshot_state_dict", v.state_dict)() for k, v in app_state.items()}
+        return self._stager.stage(self.engine.prepare_for_save(live, self.ctx))
 
     def _clear_target(self, path: Path) -> None:
         """Rank 0: make room for a new snapshot at ``path``. A directory of that name left by an earlier
@@ -273,19 +347,27 @@ class CheckpointManager:
         log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
         path.rename(aside)
 
-    def _write(self, path: Path, staged: StateDicts, info: dict[str, Any]) -> None:
+    def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
         """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
         fingerprint and the files' checksums in the commit record, then best and retention."""
         try:
+            if isinstance(staged, Future):
+                staged = staged.result()
             self.engine.write(path, staged, self.ctx)
             complete, partial = proof.local_record(staged)
-            partials = all_gather_object(self.ctx, partial, group=self.ctx.ckpt_group)  # also: all ranks wrote
+            # Also the proof that every rank wrote this same snapshot (a rank that decided otherwise would have
+            # written another one): the gather has every rank's step.
+            gathered = all_gather_object(self.ctx, (info["step"], partial), group=self.ctx.ckpt_group)
+            steps, partials = [g[0] for g in gathered], [g[1] for g in gathered]
+            if len(set(steps)) != 1:
+                raise RuntimeError(f"ranks disagree on the snapshot step: {steps}")
             if self.faults:
-                self.faults.maybe_fire("commit", info["epoch"])
+                self.faults.maybe_fire("commit", info["step"])
             if self.ctx.is_main:
                 # What the benchmark reads back: from the save call to the engine's last byte written.
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
-                record = manifest.write_commit(path, {**info, "entries": proof.combine(complete, partials)})
+                record = manifest.write_commit(path, {**info, "rank_steps": steps,
+                                                      "entries": proof.combine(complete, partials)})
                 log.info("snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
                          len(record["files"]), manifest.human_size(sum(f["size"] for f in record["files"].values())),
                          record["checksum_seconds"])
@@ -313,7 +395,7 @@ class CheckpointManager:
         if self._writer is None:
             return
         self._writer.join()
-        self._writer = None
+        self._writer, self._staging = None, None
         error, self._error = self._error, None
         if error is not None:
             error = RuntimeError(f"snapshot {self.root / self._writing} failed: {type(error).__name__}: {error}")

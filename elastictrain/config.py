@@ -8,6 +8,7 @@ one ``ValueError`` that names the flag to change, before any process group exist
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,6 +114,12 @@ class CheckpointConfig:
     """'torchsnapshot' or 'dcp' (torch.distributed.checkpoint)."""
     interval: int = 1
     """Take a snapshot every N epochs."""
+    every_steps: int = 0
+    """Also take a (rolling) snapshot every N optimizer steps inside an epoch; 0 = off."""
+    every_minutes: str = "0"
+    """Also take a (rolling) snapshot every M minutes inside an epoch: a number, 'auto' (the Young/Daly interval sqrt(2 x measured cost x MTBF)), or 0 = off."""
+    mtbf_hours: float = 6.0
+    """For every_minutes auto: the expected hours between failures, refined by the failures this run directory has seen."""
     keep: int = 2
     """Rolling snapshots kept (>= 2: the newest may still be in flight). Permanent and best are never counted."""
     permanent_every: int = 10
@@ -120,7 +127,7 @@ class CheckpointConfig:
     verify: bool = True
     """Verify the checksum manifest of a snapshot before restoring it."""
     resume_from: str = ""
-    """Snapshot directory to resume from; empty = the latest complete snapshot in the run directory."""
+    """Snapshot to start this run's lineage from, once (later restarts continue from its newest descendant); empty = the latest complete snapshot in the run directory."""
 
 
 @dataclass
@@ -302,8 +309,18 @@ def validate(cfg: Config) -> list[str]:
         "train.micro_batch_size": cfg.train.micro_batch_size, "data.num_workers": cfg.data.num_workers,
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip, "checkpoint.permanent_every": cfg.checkpoint.permanent_every,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
     }
     p += [f"--{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if cfg.checkpoint.every_minutes != "auto":
+        try:
+            minutes = float(cfg.checkpoint.every_minutes)
+        except ValueError:
+            minutes = -1.0
+        if not (math.isfinite(minutes) and minutes >= 0):
+            p.append(f"--checkpoint.every_minutes: a number of minutes >= 0 or 'auto', got {cfg.checkpoint.every_minutes!r}")
+    if not (math.isfinite(cfg.checkpoint.mtbf_hours) and cfg.checkpoint.mtbf_hours > 0):
+        p.append(f"--checkpoint.mtbf_hours: must be a number of hours > 0, got {cfg.checkpoint.mtbf_hours}")
     if not cfg.optim.lr > 0:
         p.append(f"--optim.lr: must be > 0, got {cfg.optim.lr}")
     if cfg.data.num_classes < 2:

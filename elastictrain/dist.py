@@ -98,6 +98,15 @@ def any_rank(ctx: DistContext, flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank_each(ctx: DistContext, *flags: bool) -> list[bool]:
+    """For each flag, True on every rank if it is true on any rank: several decisions in one collective."""
+    if not ctx.distributed:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def all_reduce_sum(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

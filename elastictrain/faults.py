@@ -11,7 +11,8 @@ KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
 POINT  start    after start-up, before the first step of this process (N is ignored; use 0)
        step     right after optimizer step N completed
        saving   right after the snapshot after epoch N was started (async write in flight)
-       commit   on the writer thread, right before the commit record of the snapshot after epoch N
+       commit   on the writer thread, right before the commit record of the snapshot at optimizer step N
+                (mid-epoch snapshots included)
        saved    right after the snapshot after epoch N was written (on rank 0: committed)
        restore  while restoring (N is ignored; use 0)
 

@@ -17,11 +17,12 @@ from elastictrain import device as devices
 from elastictrain.checkpoint import CheckpointManager, ResumeInfo, build_app_state
 from elastictrain.config import Config, to_dict
 from elastictrain.data import build_loaders
-from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, broadcast_object
+from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
 from elastictrain.errors import UserError
 from elastictrain.export import export_model
 from elastictrain.faults import FaultInjector
-from elastictrain.metrics import MetricsLogger, progress, write_summary
+from elastictrain.interval import failure_history
+from elastictrain.metrics import MetricsLogger, progress, read_metrics, write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, scores
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
@@ -86,7 +87,9 @@ class Trainer:
         self.loss_fn = SegmentationLoss()
         self.faults = FaultInjector(cfg.debug.fault, self.run_dir, ctx.rank)
         self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, to_dict(cfg),
-                                              prepare=self._prepare_snapshot, faults=self.faults)
+                                              prepare=self._prepare_snapshot, faults=self.faults,
+                                              on_event=lambda name, step, fields: self.metrics.log(
+                                                  "event", step, event=name, **fields))
         self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
         self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
         self.preemption = preemption or Preemption(cfg.preemption)
@@ -104,6 +107,12 @@ class Trainer:
                 "snapshot": str(resumed.path), "world_size": self.ctx.world_size,
                 "previous_world_size": resumed.world_size, "attempt": self.ctx.attempt,
                 "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+
+    def _failure_history(self) -> tuple[int, float] | None:
+        """Rank 0: (failures, hours) this run directory has seen, from metrics.jsonl."""
+        if not self.ctx.is_main or not (self.run_dir / "metrics.jsonl").exists():
+            return (0, 0.0) if self.ctx.is_main else None
+        return failure_history(read_metrics(self.run_dir))
 
     def _after_restore(self, resumed: ResumeInfo) -> None:
         if resumed.config["optim"]["lr"] != self.cfg.optim.lr:
@@ -128,6 +137,8 @@ class Trainer:
         run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
         # Only rank 0 talks to wandb, but the train state is a replicated snapshot entry: every rank holds its id.
         self.state.run_id = broadcast_object(self.ctx, run_id)
+        if self.cfg.checkpoint.every_minutes == "auto":
+            self.checkpointer.set_failure_history(*broadcast_object(self.ctx, self._failure_history()), self.state.step)
         self.faults.maybe_fire("start", 0)
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             if not self.train_epoch(epoch):
@@ -145,8 +156,14 @@ class Trainer:
         remaining = self.steps_per_epoch - self.state.sample_offset // self.loaders.train_sampler.global_batch
         losses: list[float] = []
         for batches in progress(self._steps(loader), remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
-            if self.preemption.should_stop(self.ctx):
+            # The one collective of a step boundary: a preemption signal, or a mid-epoch snapshot due by any
+            # rank's clock, on any rank means every rank acts on it.
+            stop, snapshot = any_rank_each(self.ctx, self.preemption.requested is not None,
+                                           self.checkpointer.wants_snapshot(self.state))
+            if stop:
                 return False
+            if snapshot:
+                self.checkpointer.save_mid_epoch(self.app_state, self.state)
             losses.append(self.train_step(batches))
             self.state.step += 1
             self.state.sample_offset += self.loaders.train_sampler.global_batch
@@ -180,6 +197,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.checkpointer.before_optimizer_step()  # a snapshot being staged must have copied what changes now
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -259,7 +259,7 @@ def test_a_commit_failure_on_rank_0_stops_every_rank_at_once(tmp_path: Path) -> 
     main rank 1 waited in a collective for the whole timeout)."""
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = run_cli(tiny_args(run_dir, "--debug.fault", "raise@commit=1"), nproc=2, timeout=150)
+    result = run_cli(tiny_args(run_dir, "--debug.fault", "raise@commit=4"), nproc=2, timeout=150)
     assert result.returncode != 0 and time.monotonic() - started < 120
     message = f"snapshot {run_dir / 'snapshots' / manifest.snapshot_name(1, 4)} failed: RuntimeError: injected fault"
     assert result.stdout.count(message) >= 2, result.stdout[-4000:]  # both ranks' errors say it

@@ -83,12 +83,14 @@ def test_async_snapshot_keeps_values_from_before_in_place_updates(tmp_path: Path
     state = TrainState(epoch=1, step=4)
     mgr = manager(tmp_path, engine, mode="async")
     app = {"bag": bag, "train": JsonState(state)}
-    assert mgr.maybe_save(app, state, val_loss=1.0)  # returns while the write is in flight
+    assert mgr.maybe_save(app, state, val_loss=1.0)  # returns while the copy and the write are in flight
+    mgr.before_optimizer_step()  # what the training loop calls before it changes parameters in place
     for t in bag.tensors.values():
         t.add_(1)
     middle = {k: v.clone() for k, v in bag.tensors.items()}
     state.epoch, state.step = 2, 8  # a second one: copied into the staging buffers of the first again
     assert mgr.maybe_save(app, state, val_loss=0.5)
+    mgr.before_optimizer_step()
     for t in bag.tensors.values():
         t.mul_(3)
     mgr.wait()
