@@ -310,7 +310,7 @@ class CheckpointManager:
                                         daemon=True)
         self._writer.start()
         if self.faults:
-            self.faults.maybe_fire("saving", state.epoch)
+            self.faults.maybe_fire("saving", state.step)
         if not background:
             self.wait()
         blocked = time.perf_counter() - start
@@ -373,7 +373,7 @@ class CheckpointManager:
                          record["checksum_seconds"])
                 self._apply_retention()
             if self.faults:  # here, not on the training thread, so that it is right after the commit
-                self.faults.maybe_fire("saved", info["epoch"])
+                self.faults.maybe_fire("saved", info["step"])
         except BaseException as e:  # surfaced by wait() on the training thread, on every rank
             self._error = e
 

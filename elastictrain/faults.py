@@ -1,6 +1,6 @@
 """Test-only fault injection, driven by ``--debug.fault`` (never by editing code).
 
-Form: ``KIND@POINT=N[:rank=R]`` e.g. ``sigkill@step=5``, ``sigkill@saving=2:rank=1``, ``sigterm@step=3``.
+Form: ``KIND@POINT=N[:rank=R]`` e.g. ``sigkill@step=5``, ``sigkill@saving=8:rank=1``, ``sigterm@step=3``.
 
 KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
        raise    the rank raises RuntimeError (a Python crash; @record writes the error file)
@@ -10,10 +10,10 @@ KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
        hang     the rank SIGSTOPs itself (a frozen peer; others hit the collective timeout)
 POINT  start    after start-up, before the first step of this process (N is ignored; use 0)
        step     right after optimizer step N completed
-       saving   right after the snapshot after epoch N was started (async write in flight)
-       commit   on the writer thread, right before the commit record of the snapshot at optimizer step N
-                (mid-epoch snapshots included)
-       saved    right after the snapshot after epoch N was written (on rank 0: committed)
+       saving   right after the snapshot at optimizer step N was started (async copy and write in flight)
+       commit   on the writer thread, right before the commit record of the snapshot at step N
+       saved    on the writer thread, right after the snapshot at step N was written (rank 0: committed)
+                (the snapshot points count optimizer steps, so they name mid-epoch snapshots too)
        restore  while restoring (N is ignored; use 0)
 
 A fault fires once per run directory: a marker under RUN_DIR/.faults/ is created atomically first, so

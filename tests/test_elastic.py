@@ -226,7 +226,7 @@ def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
     cannot act on, and SIGKILLs it after its fixed 30 s restart grace (torch 2.14.1: ``_stop_workers``
     ignores --shutdown-timeout); the restarted workers resume and finish the job exactly."""
     run_dir, timeout_s = tmp_path / "run", 10
-    fault = "hang@saved=1:rank=1"
+    fault = "hang@saved=4:rank=1"
     cmd = torchrun_cmd(tiny_args(run_dir, "--debug.fault", fault, "--dist.timeout_s", str(timeout_s)), tmp_path,
                        nproc=2)
     agent = jobs.start(cmd, "agent")

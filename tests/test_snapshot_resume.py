@@ -17,8 +17,8 @@ from helpers import assert_bitwise_equal, load_final, read_jsonl, run_cli, tiny_
 RESUME_POINT = {
     "sigkill@step=10:rank=1": r"epoch [12] step [48]",  # mid-epoch 3; snapshot 2 may still be in flight
     "sigkill@step=10": r"epoch 2 step 8",  # used in sync mode: snapshot 2 was committed before epoch 3
-    "sigkill@saving=2": r"epoch 1 step 4",  # snapshot 2 was being written: never committed
-    "sigkill@saved=1": r"epoch 1 step 4",  # killed right after snapshot 1 was committed
+    "sigkill@saving=8": r"epoch 1 step 4",  # the snapshot at step 8 (epoch 2) was being written: never committed
+    "sigkill@saved=4": r"epoch 1 step 4",  # killed right after the snapshot at step 4 (epoch 1) was committed
 }
 
 
@@ -40,15 +40,15 @@ def kill_then_rerun(run_dir: Path, fault: str, extra: list[str], nproc: int) -> 
 # does not depend on the engine beyond what the other points exercise (DCP gets it at 1 rank).
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, fault", [("torchsnapshot", "sigkill@step=10:rank=1"),
-                                           ("torchsnapshot", "sigkill@saving=2"), ("torchsnapshot", "sigkill@saved=1"),
-                                           ("dcp", "sigkill@saving=2"), ("dcp", "sigkill@saved=1")])
+                                           ("torchsnapshot", "sigkill@saving=8"), ("torchsnapshot", "sigkill@saved=4"),
+                                           ("dcp", "sigkill@saving=8"), ("dcp", "sigkill@saved=4")])
 def test_two_ranks_killed_then_same_command_is_bitwise_exact(reference_runs: dict[int, Path], tmp_path: Path,
                                                              engine: str, fault: str) -> None:
     kill_then_rerun(tmp_path / "run", fault, ["--checkpoint.engine", engine], nproc=2)
     assert_bitwise_equal(load_final(reference_runs[2]), load_final(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("engine, fault, mode", [("torchsnapshot", "sigkill@saving=2", "async"),
+@pytest.mark.parametrize("engine, fault, mode", [("torchsnapshot", "sigkill@saving=8", "async"),
                                                  ("dcp", "sigkill@step=10", "sync")])
 def test_one_process_killed_then_same_command_is_bitwise_exact(reference_runs: dict[int, Path], tmp_path: Path,
                                                                engine: str, fault: str, mode: str) -> None:
