@@ -57,6 +57,9 @@ set -uo pipefail
 
 PY=${ELASTICTRAIN_PYTHON:-python}
 restart=${SLURM_RESTART_COUNT:-0}   # unset on the first run, 1, 2, ... after each requeue
+# What torchrun needs to drop a silent node quickly (shared/notes/elastic.md): ~8 s instead of 45 s.
+# keep_alive_max_attempt must stay >= 3 (with 2 a job split into two worlds).
+ELASTIC_RDZV_CONF=last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=600,close_timeout=5
 
 log() { echo "[$(date +%H:%M:%S)] train.sh: $*"; }
 
@@ -106,20 +109,45 @@ fi
 
 nnodes=${SLURM_NNODES:-1}
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
-# A fresh port per attempt: the previous attempt's store may linger in TIME_WAIT or in a stray process.
-port=${RDZV_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 4000) * 10 + restart % 10))}
 nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 cpus=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
 # The agent-shared TCPStore breaks restarts (stale gloo addresses, pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
-log "job ${SLURM_JOB_ID:-?} restart ${restart} on $(hostname): ${nnodes} node(s) x ${nproc} worker(s)," \
-    "rendezvous ${head_node}:${port}, run dir ${run_dir}, trainer args: ${args[*]}"
+min_nodes=${MIN_NODES:-$nnodes}
+if ! [[ $min_nodes =~ ^[1-9][0-9]*$ ]] || ((min_nodes > nnodes)); then
+    log "MIN_NODES=${MIN_NODES} must be a whole number from 1 to the job's ${nnodes} node(s); not starting"
+    exit 2
+fi
+srun_opts=(--nodes="$nnodes" --ntasks-per-node=1)
+if ((min_nodes < nnodes)); then
+    # Elastic: the survivors of a lost node continue inside the allocation. The rendezvous lives in a file
+    # on the shared run directory, so no node hosts it (a TCP store dies with its node and takes every
+    # agent with it); one file per run of the job, since a finished rendezvous cannot be reused.
+    mode="elastic, ${min_nodes}..${nnodes} nodes"
+    rdzv_dir=$run_dir/rendezvous
+    mkdir -p "$rdzv_dir"
+    rdzv=(--rdzv-endpoint "$rdzv_dir/job${SLURM_JOB_ID:-local}.run${restart}"
+          --rdzv-conf "store_type=file,${ELASTIC_RDZV_CONF}${RDZV_CONF:+,$RDZV_CONF}")
+    # --no-kill: srun keeps the step when a node fails (the job needs sbatch --no-kill too);
+    # no --kill-on-bad-exit: a lost node's task must not take the survivors' down.
+    srun_opts+=(--no-kill --kill-on-bad-exit=0)
+else
+    # Fixed size: c10d on the first node; a lost node ends the job and SLURM requeues it. A fresh port per
+    # run: the previous run's store may linger in TIME_WAIT or in a stray process.
+    mode="fixed size"
+    port=${RDZV_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 4000) * 10 + restart % 10))}
+    rdzv=(--rdzv-endpoint "${head_node}:${port}" ${RDZV_CONF:+--rdzv-conf "$RDZV_CONF"})
+    srun_opts+=(--kill-on-bad-exit=1)
+fi
+
+log "job ${SLURM_JOB_ID:-?} restart ${restart} on $(hostname): ${nnodes} node(s) x ${nproc} worker(s) (${mode})," \
+    "rendezvous ${rdzv[1]}, run dir ${run_dir}, trainer args: ${args[*]}"
 
 torchrun=("$PY" -m torch.distributed.run
-    --nnodes "$nnodes" --nproc-per-node "$nproc"
-    --rdzv-backend c10d --rdzv-endpoint "${head_node}:${port}" --rdzv-id "${SLURM_JOB_ID:-local}"
+    --nnodes "$( ((min_nodes < nnodes)) && echo "$min_nodes:$nnodes" || echo "$nnodes")" --nproc-per-node "$nproc"
+    --rdzv-backend c10d "${rdzv[@]}" --rdzv-id "${SLURM_JOB_ID:-local}"
     --max-restarts "${MAX_RESTARTS:-3}"
     --signals-to-handle "SIGTERM,SIGINT,SIGUSR1"
     -m elastictrain "${args[@]}")
@@ -128,7 +156,7 @@ rc=75
 if ((warned || terminated)); then
     log "signalled before the trainer started; not starting it"
 else
-    srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 "${torchrun[@]}" &
+    srun "${srun_opts[@]}" "${torchrun[@]}" &
     child=$!
     ((warned)) && kill -USR1 "$child" 2>/dev/null  # the warning raced the start
     # `wait` returns early (status > 128) whenever a trapped signal arrives: wait until the child is gone.
