@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/train.sh --config configs/tiny.yaml --run.dir runs/tiny
 #   NPROC_PER_NODE=2 sbatch --nodes=2 --time=4:00:00 slurm/train.sh --config configs/my.yaml
+#   MIN_NODES=1 sbatch --no-kill --nodes=2 slurm/train.sh --config configs/my.yaml   # elastic: shrink on node loss
 #
 # Submit from the repository root (the job runs `python -m elastictrain` in the submit directory) or
 # install the package. Everything after the script name goes to the trainer. The run directory is
@@ -27,8 +28,24 @@
 #                        only waits (a TERM from us would make srun SIGKILL the step, see below).
 #                        SLURM requeues the job (or cancels it); KillWait later it SIGKILLs what is left.
 #
+# Losing a node (its slurmd stops answering: a crash, a power or network failure). Chosen by MIN_NODES:
+#   unset (fixed size)   the survivors' collectives time out (--dist.timeout_s), torchrun waits for the
+#                        missing node; after SlurmdTimeout SLURM marks the node DOWN, ends the job
+#                        (NODE_FAIL) and requeues it (--requeue); it runs again, from the latest complete
+#                        snapshot, once enough nodes are up. Same world size: nothing changes numerically.
+#   MIN_NODES=M < nodes  elastic (torchrun --nnodes M:N): the survivors' agents restart their workers and
+#                        the rendezvous drops the silent node (~3 s after it went quiet), so training goes
+#                        on at the smaller world size inside the same allocation, from the latest complete
+#                        snapshot, with the same global batch. Needs `sbatch --no-kill` (else SLURM ends
+#                        the whole job at SlurmdTimeout, and it is requeued as above) and a run directory
+#                        on storage shared by all nodes with working file locks (the rendezvous is a file
+#                        there, RUN_DIR/rendezvous/, so no node's death can take it down). Losing the node
+#                        that runs this batch script still ends the job: SLURM requeues it.
+#                        Nodes do not come back into a running allocation: the job stays smaller.
+#
 # One torchrun per node (one srun task per node), with c10d rendezvous on the first node of the
-# allocation; torchrun starts the workers and restarts them (--max-restarts) when one fails. This
+# allocation (elastic: on the file store); torchrun starts the workers and restarts them (--max-restarts)
+# when one fails. This
 # script never sends TERM to srun: srun turns a TERM it receives into SIGKILL of its tasks ("srun:
 # forcing job termination"). When SLURM itself ends the job, srun's SIGKILL request comes too late to
 # matter (measured: workers keep the full KillWait grace), so TERM snapshots work under srun.
@@ -38,6 +55,8 @@
 #   NPROC_PER_NODE       workers per node (default: the node's allocated GPUs, else 1)
 #   MAX_RESTARTS         torchrun restarts of failed workers within one allocation (default 3)
 #   RDZV_PORT            c10d port on the first node (default derived from the job id and restart count)
+#   MIN_NODES            fewest nodes to go on with (default: all of them, i.e. not elastic); see above
+#   RDZV_CONF            extra torchrun --rdzv-conf key=value,... (elastic: appended to the settings below)
 #
 #SBATCH --job-name=elastictrain
 #SBATCH --nodes=1
@@ -121,14 +140,16 @@ if ! [[ $min_nodes =~ ^[1-9][0-9]*$ ]] || ((min_nodes > nnodes)); then
     exit 2
 fi
 srun_opts=(--nodes="$nnodes" --ntasks-per-node=1)
+rdzv_file=
 if ((min_nodes < nnodes)); then
     # Elastic: the survivors of a lost node continue inside the allocation. The rendezvous lives in a file
     # on the shared run directory, so no node hosts it (a TCP store dies with its node and takes every
     # agent with it); one file per run of the job, since a finished rendezvous cannot be reused.
     mode="elastic, ${min_nodes}..${nnodes} nodes"
-    rdzv_dir=$run_dir/rendezvous
-    mkdir -p "$rdzv_dir"
-    rdzv=(--rdzv-endpoint "$rdzv_dir/job${SLURM_JOB_ID:-local}.run${restart}"
+    nnodes_arg=$min_nodes:$nnodes
+    rdzv_file=$run_dir/rendezvous/job${SLURM_JOB_ID:-local}.run${restart}
+    mkdir -p "$(dirname "$rdzv_file")"
+    rdzv=(--rdzv-endpoint "$rdzv_file"
           --rdzv-conf "store_type=file,${ELASTIC_RDZV_CONF}${RDZV_CONF:+,$RDZV_CONF}")
     # --no-kill: srun keeps the step when a node fails (the job needs sbatch --no-kill too);
     # no --kill-on-bad-exit: a lost node's task must not take the survivors' down.
@@ -137,8 +158,10 @@ else
     # Fixed size: c10d on the first node; a lost node ends the job and SLURM requeues it. A fresh port per
     # run: the previous run's store may linger in TIME_WAIT or in a stray process.
     mode="fixed size"
+    nnodes_arg=$nnodes
     port=${RDZV_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 4000) * 10 + restart % 10))}
-    rdzv=(--rdzv-endpoint "${head_node}:${port}" ${RDZV_CONF:+--rdzv-conf "$RDZV_CONF"})
+    rdzv=(--rdzv-endpoint "${head_node}:${port}")
+    [[ -n ${RDZV_CONF:-} ]] && rdzv+=(--rdzv-conf "$RDZV_CONF")
     srun_opts+=(--kill-on-bad-exit=1)
 fi
 
@@ -146,7 +169,7 @@ log "job ${SLURM_JOB_ID:-?} restart ${restart} on $(hostname): ${nnodes} node(s)
     "rendezvous ${rdzv[1]}, run dir ${run_dir}, trainer args: ${args[*]}"
 
 torchrun=("$PY" -m torch.distributed.run
-    --nnodes "$( ((min_nodes < nnodes)) && echo "$min_nodes:$nnodes" || echo "$nnodes")" --nproc-per-node "$nproc"
+    --nnodes "$nnodes_arg" --nproc-per-node "$nproc"
     --rdzv-backend c10d "${rdzv[@]}" --rdzv-id "${SLURM_JOB_ID:-local}"
     --max-restarts "${MAX_RESTARTS:-3}"
     --signals-to-handle "SIGTERM,SIGINT,SIGUSR1"
@@ -165,6 +188,10 @@ else
         rc=$?
         kill -0 "$child" 2>/dev/null || break
     done
+fi
+if [[ -n $rdzv_file ]]; then
+    rm -f "$rdzv_file"  # this run's rendezvous is over; the next run of the job uses a new file
+    rmdir "$(dirname "$rdzv_file")" 2>/dev/null || true
 fi
 
 if ((rc == 0)); then

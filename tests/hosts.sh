@@ -19,7 +19,7 @@
 #   10.213.K.i/24, lo up, no default route. Traffic can reach the set's own subnet only: nothing outside this
 #   machine. The root namespace reaches the hosts through the bridge address (SLURM clients run there).
 # `exec` enters the host's network and UTS namespaces and a private mount namespace in which the set's hosts
-# file is bind-mounted over /etc/hosts (the rest of the file system is shared, as on a cluster with one shared
+# file is bind-mounted over /etc/hosts and a resolv.conf naming only 127.0.0.1 over /etc/resolv.conf (the rest of the file system is shared, as on a cluster with one shared
 # file system). What `up` made is recorded in $HOSTS_DIR/SET/ (default /run/elastictrain-hosts: the hosts
 # file, the UTS namespaces) and every link carries the alias "elastictrain-hosts:SET"; `down` removes only
 # recorded namespaces and links with that alias. Nothing is written outside $HOSTS_DIR. Needs root.
@@ -100,6 +100,8 @@ do_up() {
     ip link set "$br" up
     { echo "$MARKER"; echo "127.0.0.1 localhost"; echo "$subnet.254 $set-gw"
       while read -r host addr; do echo "$addr $host"; done <"$dir/hosts"; } >"$dir/etc-hosts"
+    # No name server: names are the hosts file's, and a lookup never tries to leave the set's network.
+    printf '%s\nnameserver 127.0.0.1\n' "$MARKER" >"$dir/resolv.conf"
     while read -r host addr; do
         if ! ip netns list | grep -q "^$host\b"; then
             ip netns add "$host"
@@ -110,6 +112,8 @@ do_up() {
             ip link set "etv-$host" master "$br"
             ip -n "$host" addr add "$addr/24" dev eth0
         fi
+        # IPv4 only: the hosts' one network is the set's subnet (no IPv6 link-local detours either).
+        nsenter --net="/run/netns/$host" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
         ip -n "$host" link set lo up
         ip -n "$host" link set eth0 up
         ip link set "etv-$host" up
@@ -178,7 +182,8 @@ do_exec() {
     # Every step execs the next, so the caller's pid ends up being CMD's (daemons' pidfiles stay true).
     exec nsenter --net="/run/netns/$host" --uts="$HOSTS_DIR/$set/$host.uts" -- \
         unshare --mount --propagation slave -- \
-        /bin/sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$HOSTS_DIR/$set/etc-hosts" "$@"
+        /bin/sh -c 'mount --bind "$0/etc-hosts" /etc/hosts && mount --bind "$0/resolv.conf" /etc/resolv.conf &&
+                    exec "$@"' "$HOSTS_DIR/$set" "$@"
 }
 
 do_link() {
