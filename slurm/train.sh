@@ -37,14 +37,16 @@
 #                        the rendezvous drops the silent node (~3 s after it went quiet), so training goes
 #                        on at the smaller world size inside the same allocation, from the latest complete
 #                        snapshot, with the same global batch. Needs `sbatch --no-kill` (else SLURM ends
-#                        the whole job at SlurmdTimeout, and it is requeued as above) and a run directory
-#                        on storage shared by all nodes with working file locks (the rendezvous is a file
-#                        there, RUN_DIR/rendezvous/, so no node's death can take it down). Losing the node
-#                        that runs this batch script still ends the job: SLURM requeues it.
+#                        the whole job at SlurmdTimeout, and it is requeued as above). The rendezvous
+#                        store is a process of this batch script (not of any agent, whose death would
+#                        end every other agent): losing the node that runs this script ends the job
+#                        anyway (SLURM requeues it), so the store adds no way to fail. A node cut off by
+#                        the network cannot reach it, so it can never rejoin or form a world of its own
+#                        (a store file on shared storage would let it: measured, the job then failed).
 #                        Nodes do not come back into a running allocation: the job stays smaller.
 #
 # One torchrun per node (one srun task per node), with c10d rendezvous on the first node of the
-# allocation (elastic: on the file store); torchrun starts the workers and restarts them (--max-restarts)
+# allocation (elastic: in this script's store); torchrun starts the workers and restarts them (--max-restarts)
 # when one fails. This
 # script never sends TERM to srun: srun turns a TERM it receives into SIGKILL of its tasks ("srun:
 # forcing job termination"). When SLURM itself ends the job, srun's SIGKILL request comes too late to
@@ -140,27 +142,37 @@ if ! [[ $min_nodes =~ ^[1-9][0-9]*$ ]] || ((min_nodes > nnodes)); then
     exit 2
 fi
 srun_opts=(--nodes="$nnodes" --ntasks-per-node=1)
-rdzv_file=
+# A fresh port per run: the previous run's store may linger in TIME_WAIT or in a stray process.
+port=${RDZV_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 4000) * 10 + restart % 10))}
+rdzv=(--rdzv-endpoint "${head_node}:${port}")
+store_pid=
 if ((min_nodes < nnodes)); then
-    # Elastic: the survivors of a lost node continue inside the allocation. The rendezvous lives in a file
-    # on the shared run directory, so no node hosts it (a TCP store dies with its node and takes every
-    # agent with it); one file per run of the job, since a finished rendezvous cannot be reused.
+    # Elastic: the survivors of a lost node continue inside the allocation (see above). The store is ours,
+    # on this (the first) node; it ignores the signals SLURM sends the whole job, so agents keep it while
+    # their workers snapshot, and goes when this script ends.
     mode="elastic, ${min_nodes}..${nnodes} nodes"
     nnodes_arg=$min_nodes:$nnodes
-    rdzv_file=$run_dir/rendezvous/job${SLURM_JOB_ID:-local}.run${restart}
-    mkdir -p "$(dirname "$rdzv_file")"
-    rdzv=(--rdzv-endpoint "$rdzv_file"
-          --rdzv-conf "store_type=file,${ELASTIC_RDZV_CONF}${RDZV_CONF:+,$RDZV_CONF}")
+    rdzv=(--rdzv-endpoint "$(hostname):${port}")
+    "$PY" -c '
+import signal, sys, time
+from datetime import timedelta
+from torch.distributed import TCPStore
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    signal.signal(s, signal.SIG_IGN)
+store = TCPStore("0.0.0.0", int(sys.argv[1]), is_master=True, wait_for_workers=False, timeout=timedelta(days=365))
+print("rendezvous store ready", flush=True)
+while True:
+    time.sleep(3600)
+' "$port" &
+    store_pid=$!
+    rdzv+=(--rdzv-conf "is_host=false,${ELASTIC_RDZV_CONF}${RDZV_CONF:+,$RDZV_CONF}")
     # --no-kill: srun keeps the step when a node fails (the job needs sbatch --no-kill too);
     # no --kill-on-bad-exit: a lost node's task must not take the survivors' down.
     srun_opts+=(--no-kill --kill-on-bad-exit=0)
 else
-    # Fixed size: c10d on the first node; a lost node ends the job and SLURM requeues it. A fresh port per
-    # run: the previous run's store may linger in TIME_WAIT or in a stray process.
+    # Fixed size: c10d hosted by the first node's agent; a lost node ends the job and SLURM requeues it.
     mode="fixed size"
     nnodes_arg=$nnodes
-    port=${RDZV_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 4000) * 10 + restart % 10))}
-    rdzv=(--rdzv-endpoint "${head_node}:${port}")
     [[ -n ${RDZV_CONF:-} ]] && rdzv+=(--rdzv-conf "$RDZV_CONF")
     srun_opts+=(--kill-on-bad-exit=1)
 fi
@@ -189,10 +201,7 @@ else
         kill -0 "$child" 2>/dev/null || break
     done
 fi
-if [[ -n $rdzv_file ]]; then
-    rm -f "$rdzv_file"  # this run's rendezvous is over; the next run of the job uses a new file
-    rmdir "$(dirname "$rdzv_file")" 2>/dev/null || true
-fi
+[[ -n $store_pid ]] && kill -KILL "$store_pid" 2>/dev/null
 
 if ((rc == 0)); then
     log "training finished (trainer exit 0)"

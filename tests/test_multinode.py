@@ -217,14 +217,14 @@ def test_node_failure_with_min_nodes_shrinks_inside_the_allocation(submit, tmp_p
     info = wait_final(job, out, conf=NODES_CONF)
     log = job_log(out)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{log[-4000:]}"
-    assert "(elastic, 1..2 nodes), rendezvous " in log and "training finished (trainer exit 0)" in log
+    assert "(elastic, 1..2 nodes), rendezvous et-node1:" in log and "rendezvous store ready" in log
+    assert "training finished (trainer exit 0)" in log
     records = read_records(run_dir)
     resume = events(records, "resume")[-1]
     assert (resume["previous_world_size"], resume["world_size"]) == (2, 1), resume
     sizes = [r["world_size"] for r in train_records(records)]
     assert sizes[0] == 2 and sizes[-1] == 1 and max(r["step"] for r in train_records(records)) == 32
     check_sample_offsets(records)
-    assert not (run_dir / "rendezvous").exists(), "train.sh leaves no rendezvous file behind"
     first = first_step_after(records, resume)
     print(f"\nSLURM elastic: et-node2 failed; first step at world size 1 {first['time'] - failed:.1f}s later")
 
