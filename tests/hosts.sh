@@ -75,6 +75,7 @@ do_up() {
     for host in "${names[@]}"; do
         [[ $host =~ ^[a-z][a-z0-9-]{0,10}$ ]] || die "host name '$host' must be 1-11 of [a-z0-9-], starting with a letter"
     done
+    [[ $(printf '%s\n' "${names[@]}" | sort | uniq -d) == "" ]] || die "host names must differ: ${names[*]}"
     if [[ -f $dir/hosts ]]; then
         [[ $(cut -d' ' -f1 "$dir/hosts" | tr '\n' ' ') == "${names[*]} " ]] \
             || die "set $set has hosts $(cut -d' ' -f1 "$dir/hosts" | tr '\n' ' ')not ${names[*]}: run  tests/hosts.sh down $set  first"
