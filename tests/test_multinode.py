@@ -305,17 +305,23 @@ def wait_committed(run_dir: Path) -> None:
              "the epoch-1 snapshot committed")
 
 
-@pytest.mark.slow
-def test_torchrun_across_hosts_survives_a_killed_host(cross_host, tmp_path: Path) -> None:
-    """The host of rank 0 dies mid-run; the other continues at world size 1 and finishes."""
-    run_dir = tmp_path / "run"
+def training_on_two_hosts(cross_host: Callable[..., dict[str, Any]],
+                          run_dir: Path) -> tuple[dict[str, Any], str, str, int]:
+    """Agents on tr1 and tr2 past step 6 at world size 2, the epoch-1 snapshot committed: (the agents, the host
+    of rank 0, the other host, the newest committed step)."""
     agents = cross_host(run_dir, "--epochs", "8", "--dist.timeout_s", str(TIMEOUT_S))
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["world_size"] == 2 and r["step"] >= 6, 300,
                     "step 6 at world size 2", agents["tr2"])
     wait_committed(run_dir)
-    lost = host_of_rank0()
-    survivor = "tr2" if lost == "tr1" else "tr1"
-    latest = committed_steps(run_dir)[-1]
+    rank0 = host_of_rank0()
+    return agents, rank0, "tr2" if rank0 == "tr1" else "tr1", committed_steps(run_dir)[-1]
+
+
+@pytest.mark.slow
+def test_torchrun_across_hosts_survives_a_killed_host(cross_host, tmp_path: Path) -> None:
+    """The host of rank 0 dies mid-run; the other continues at world size 1 and finishes."""
+    run_dir = tmp_path / "run"
+    agents, lost, survivor, latest = training_on_two_hosts(cross_host, run_dir)
     fail_host(lost)
     failed = time.time()
     assert agents[survivor].wait(300) == 0
@@ -336,13 +342,7 @@ def test_torchrun_across_hosts_partitioned_host_never_writes_beside_the_new_worl
     size 1 from the latest complete snapshot, and only after the partitioned workers are gone. When the
     link comes back, the partitioned agent finds the rendezvous closed (the job finished) and exits."""
     run_dir = tmp_path / "run"
-    agents = cross_host(run_dir, "--epochs", "8", "--dist.timeout_s", str(TIMEOUT_S))
-    wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["world_size"] == 2 and r["step"] >= 6, 300,
-                    "step 6 at world size 2", agents["tr2"])
-    wait_committed(run_dir)
-    cut = host_of_rank0()
-    survivor = "tr2" if cut == "tr1" else "tr1"
-    latest = committed_steps(run_dir)[-1]
+    agents, cut, survivor, latest = training_on_two_hosts(cross_host, run_dir)
     partition(cut)
     parted = time.time()
 
