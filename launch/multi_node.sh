@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # elastictrain on SEVERAL machines that may come and go: run this same command on every node.
 #
-#   # a rendezvous file on storage every node mounts (simplest; no store host that could die):
+#   # a rendezvous file on storage every node mounts (simplest; no store host that could die; see partitions):
 #   RDZV_ENDPOINT=/shared/jobs/exp1.rdzv RDZV_ID=exp1 NNODES=1:4 NPROC=8 \
 #       bash launch/multi_node.sh --config configs/default.yaml --run.dir /shared/runs/exp1
 #   # or a TCP store on a long-lived machine that is not a training node (start it once):
@@ -22,6 +22,15 @@
 #     loop sees nodes waiting (num_nodes_waiting() > 0). Then it SIGTERMs its workers (not counted as a
 #     restart); they snapshot at their current step and exit 75, and the grown world continues from there.
 #   - A worker crashes: its agent restarts the whole world (--max-restarts times per agent).
+#   - A node is cut off by the network but keeps running (a partition; tests/test_multinode.py, hosts in network
+#     namespaces): every worker fails its collective after --dist.timeout_s. With a TCP store on a third host
+#     the cut-off agent cannot reach the rendezvous: its workers are gone and it waits, the others continue at the
+#     smaller world size from the latest complete snapshot (measured: workers gone 10.7 s after the cut, new world
+#     at 25 s, with --dist.timeout_s 10), and when the link returns the cut-off agent finds the rendezvous
+#     closed (or, while the job still runs, joins it as an arriving node). With a FILE store the cut-off node
+#     still reaches the rendezvous through the shared file system: it is admitted again, the new world cannot
+#     connect, and the job fails once the restarts are used up (measured). Where partitions can happen (separate
+#     storage and compute networks), use the store host.
 #
 # Settings that make this reliable:
 #   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1   fresh worker store per attempt (torchrun's shared store brought

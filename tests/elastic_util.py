@@ -21,6 +21,9 @@ from typing import Any, Callable
 
 from helpers import ROOT, base_env, read_jsonl, wait_for
 
+GLOBAL_BATCH = 8  # configs/tiny.yaml: train.batch_size
+STEPS_PER_EPOCH = 4  # 32 training samples / 8
+
 RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=60,close_timeout=5"
 """The elastic rendezvous settings from the notes: ~8 s to continue after a node loss instead of 45 s.
 keep_alive_max_attempt must stay >= 3 (2 split the job into two worlds writing the same snapshots)."""
@@ -174,6 +177,10 @@ def wait_for_record(run_dir: Path, match: Callable[[dict[str, Any]], bool], time
     return found[0]
 
 
+def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["kind"] == "train"]
+
+
 def events(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [r for r in records if r["kind"] == "event" and r.get("event") == name]
 
@@ -192,3 +199,21 @@ def attempts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def ready_agents(go: Path) -> int:
     """How many prewarmed agents wait for ``go``."""
     return len(list(go.parent.glob(f"{go.name}.ready.*")))
+
+
+def check_sample_offsets(records: list[dict[str, Any]]) -> None:
+    """Every epoch's samples seen once: see test_node_loss_then_a_new_node_joins in test_elastic.py."""
+    for attempt in attempts(records):
+        head = attempt[0]
+        epoch, offset, step = head.get("epoch", 0), head.get("sample_offset", 0), head["step"]
+        for r in train_records(attempt):
+            if r["epoch"] != epoch:  # the previous epoch ended whole; the next starts at offset 0
+                assert (r["epoch"], offset) == (epoch + 1, STEPS_PER_EPOCH * GLOBAL_BATCH), r
+                epoch, offset = r["epoch"], 0
+            assert (r["step"], r["sample_offset"]) == (step + 1, offset + GLOBAL_BATCH), (head, r)
+            step, offset = r["step"], r["sample_offset"]
+    final = {r["step"]: r for r in train_records(records)}  # the last attempt to log a step wins
+    assert sorted(final) == list(range(1, max(final) + 1))
+    for epoch in {r["epoch"] for r in final.values()}:
+        offsets = sorted(r["sample_offset"] for r in final.values() if r["epoch"] == epoch)
+        assert offsets == [GLOBAL_BATCH * k for k in range(1, STEPS_PER_EPOCH + 1)], (epoch, offsets)

@@ -22,31 +22,34 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "PREEMPTED"}
 
 
-def slurm_env(**extra: str) -> dict[str, str]:
-    """The environment of SLURM commands and of the jobs they submit (sbatch exports it to the job)."""
+def slurm_env(conf: Path = SLURM_CONF, **extra: str) -> dict[str, str]:
+    """The environment of SLURM commands and of the jobs they submit (sbatch exports it to the job);
+    ``conf`` picks the cluster (the loopback one by default)."""
     env = {k: v for k, v in base_env().items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(SLURM_CONF=str(SLURM_CONF), ELASTICTRAIN_PYTHON=sys.executable, NPROC_PER_NODE="2")
+    env.update(SLURM_CONF=str(conf), ELASTICTRAIN_PYTHON=sys.executable, NPROC_PER_NODE="2")
     env.update(extra)
     return env
 
 
-def slurm(*args: str, check: bool = True, timeout: float = 30) -> str:
+def slurm(*args: str, check: bool = True, timeout: float = 30, conf: Path = SLURM_CONF) -> str:
     """Run a SLURM client command; return stdout."""
-    proc = subprocess.run(list(args), env=slurm_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(args), env=slurm_env(conf), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
 
 
-def cluster(action: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CLUSTER), action, str(STATE_DIR)], capture_output=True, text=True,
+def cluster(action: str, *options: str, state_dir: Path = STATE_DIR,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """slurm/cluster.sh ACTION [OPTIONS] STATE_DIR (the loopback cluster by default)."""
+    return subprocess.run(["bash", str(CLUSTER), action, *options, str(state_dir)], capture_output=True, text=True,
                           timeout=timeout)
 
 
-def sbatch(train_args: list[str], out: Path, *sbatch_args: str, **env: str) -> int:
+def sbatch(train_args: list[str], out: Path, *sbatch_args: str, conf: Path = SLURM_CONF, **env: str) -> int:
     """Submit slurm/train.sh from the repository root; return the job id."""
     cmd = ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={out}", *sbatch_args, str(TRAIN), *train_args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=slurm_env(**env), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(cmd, cwd=ROOT, env=slurm_env(conf, **env), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
     return int(proc.stdout.strip().split(";")[0])
 
@@ -56,9 +59,9 @@ def sbatch_wrap(command: str, out: Path, *sbatch_args: str) -> int:
     return int(slurm("sbatch", "--parsable", f"--output={out}", *sbatch_args, "--wrap", command).split(";")[0])
 
 
-def job_info(job: int) -> dict[str, str]:
+def job_info(job: int, conf: Path = SLURM_CONF) -> dict[str, str]:
     """`scontrol show job` as a dict (JobState, Restarts, ExitCode, Reason, ...)."""
-    out = slurm("scontrol", "-o", "show", "job", str(job), check=False)
+    out = slurm("scontrol", "-o", "show", "job", str(job), check=False, conf=conf)
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -78,10 +81,10 @@ def job_log(out: Path) -> str:
     return out.read_text(errors="replace") if out.exists() else "(no job output yet)"
 
 
-def wait_final(job: int, out: Path, timeout: float = 240) -> dict[str, str]:
+def wait_final(job: int, out: Path, timeout: float = 240, conf: Path = SLURM_CONF) -> dict[str, str]:
     """Wait until the job reached a final state; return its scontrol record."""
-    return poll(lambda: (i := job_info(job)).get("JobState") in FINAL_STATES and i, timeout,
-                f"job {job} to end", lambda: f"{job_info(job)}\n--- job output:\n{job_log(out)[-6000:]}")
+    return poll(lambda: (i := job_info(job, conf)).get("JobState") in FINAL_STATES and i, timeout,
+                f"job {job} to end", lambda: f"{job_info(job, conf)}\n--- job output:\n{job_log(out)[-6000:]}")
 
 
 metrics = read_jsonl  # the trainer's JSONL records so far
@@ -111,9 +114,9 @@ def wait_training(run_dir: Path, out: Path, attempt: int, steps: int = 1, timeou
          lambda: f"--- job output:\n{job_log(out)[-6000:]}")
 
 
-def cancel(*jobs: int) -> None:
+def cancel(*jobs: int, conf: Path = SLURM_CONF) -> None:
     """Kill jobs outright (tests' teardown): SIGKILL every process, then cancel (no requeue)."""
     ids = [str(j) for j in jobs]
     if ids:
-        slurm("scancel", "--full", "--signal=KILL", *ids, check=False)
-        slurm("scancel", *ids, check=False)
+        slurm("scancel", "--full", "--signal=KILL", *ids, check=False, conf=conf)
+        slurm("scancel", *ids, check=False, conf=conf)

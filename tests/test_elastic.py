@@ -23,16 +23,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from elastic_util import (Jobs, attempts, descendants, events, kill_tree, read_records, ready_agents, torchrun_cmd,
-                          wait_for_record, worker_env)
+from elastic_util import (GLOBAL_BATCH, STEPS_PER_EPOCH, Jobs, check_sample_offsets, descendants, events, kill_tree,
+                          read_records, ready_agents, torchrun_cmd, train_records, wait_for_record, worker_env)
 from elastictrain import manifest
 from elastictrain.faults import FaultInjector
 from helpers import assert_bitwise_equal, load_final, tiny_args, wait_for
 
 pytestmark = pytest.mark.slow
-
-GLOBAL_BATCH = 8  # configs/tiny.yaml: train.batch_size
-STEPS_PER_EPOCH = 4  # 32 training samples / 8
 
 
 @pytest.fixture
@@ -43,10 +40,6 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
     finally:
         jobs.cleanup()
     assert not jobs.leftovers(), "processes of this test survived the clean-up"
-
-
-def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if r["kind"] == "train"]
 
 
 # ------------------------------------------------------------------------------------------ crashes
@@ -184,23 +177,6 @@ def test_node_loss_then_a_new_node_joins(jobs: Jobs, tmp_path: Path) -> None:
 def rank_of_worker(agent_pid: int) -> str | None:
     ranks = [worker_env(pid, "RANK") for pid in descendants(agent_pid)]
     return next((r for r in ranks if r is not None), None)
-
-
-def check_sample_offsets(records: list[dict[str, Any]]) -> None:
-    for attempt in attempts(records):
-        head = attempt[0]
-        epoch, offset, step = head.get("epoch", 0), head.get("sample_offset", 0), head["step"]
-        for r in train_records(attempt):
-            if r["epoch"] != epoch:  # the previous epoch ended whole; the next starts at offset 0
-                assert (r["epoch"], offset) == (epoch + 1, STEPS_PER_EPOCH * GLOBAL_BATCH), r
-                epoch, offset = r["epoch"], 0
-            assert (r["step"], r["sample_offset"]) == (step + 1, offset + GLOBAL_BATCH), (head, r)
-            step, offset = r["step"], r["sample_offset"]
-    final = {r["step"]: r for r in train_records(records)}  # the last attempt to log a step wins
-    assert sorted(final) == list(range(1, max(final) + 1))
-    for epoch in {r["epoch"] for r in final.values()}:
-        offsets = sorted(r["sample_offset"] for r in final.values() if r["epoch"] == epoch)
-        assert offsets == [GLOBAL_BATCH * k for k in range(1, STEPS_PER_EPOCH + 1)], (epoch, offsets)
 
 
 def check_loss_continuity(records: list[dict[str, Any]]) -> None:
