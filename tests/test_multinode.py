@@ -187,7 +187,7 @@ def test_node_failure_requeues_and_resumes_bit_exact_when_the_node_is_back(
     and the snapshot complete), then its host fails. SLURM notices after SlurmdTimeout, requeues the job, it
     waits for two nodes; the host comes back and the job resumes from the step-4 snapshot at world size 2 and
     ends bitwise equal to the uninterrupted run."""
-    run_dir, fault = tmp_path / "requeue", "hang@saved=1:rank=1"
+    run_dir, fault = tmp_path / "requeue", "hang@saved=4:rank=1"
     job, out = submit(run_dir, extra=("--debug.fault", fault, "--dist.timeout_s", str(TIMEOUT_S)))
     node = frozen_node(FaultInjector(fault, run_dir, 1).marker)
     fail_host(node)
