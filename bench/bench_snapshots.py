@@ -1,12 +1,17 @@
-"""What snapshots cost the training loop: the same run with checkpoint.mode off / sync / async, per engine.
+"""What snapshots cost the training loop: the same run without snapshots, with a sync or async snapshot every
+epoch, with an async one every N steps, and with the automatic interval, per engine.
 
     python bench/bench_snapshots.py                      # resnet34 Unet (configs/default.yaml), 1 process
     python bench/bench_snapshots.py --nproc 2 --epochs 6 --image-size 128
+    python bench/bench_snapshots.py --policies off,async,steps   # a subset
 
 Each configuration is a real ``python -m elastictrain`` run (under torchrun when --nproc > 1) in its own
 run directory under --out, with every snapshot kept so each one is measured; a run directory is deleted
-after it has been read unless --keep. Configurations run interleaved, --rounds times, and figures are pooled
-over rounds. Printed per configuration:
+after it has been read unless --keep. Configurations run interleaved, --rounds times, in the opposite order
+every other round (position in a round moved identical runs by 8% on these machines), and figures are pooled
+over rounds. 'off' runs twice per round ('off' and 'off again'): their difference is the noise floor, and a
+ratio inside it is no finding. Policies: off, sync (every epoch), async (every epoch), steps (async, every
+--every-steps steps too), auto (async, --checkpoint.every_minutes auto). Printed per configuration:
 
   epoch s     epoch time, median and minimum over epochs 2.. of every round (the first warms up; a
               snapshot's blocked time and its background write fall inside the next epoch); 'x off' divides
@@ -50,7 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--engines", default="torchsnapshot,dcp")
-    p.add_argument("--modes", default="sync,async")
+    p.add_argument("--policies", default="off,sync,async,steps,auto")
+    p.add_argument("--every-steps", type=int, default=5, help="the steps policy's interval")
+    p.add_argument("--mtbf-hours", type=float, default=6.0, help="the auto policy's checkpoint.mtbf_hours")
     p.add_argument("--out", default="runs/bench", help="scratch directory (on the disk being measured)")
     p.add_argument("--rounds", type=int, default=2, help="run every configuration this many times, interleaved "
                    "(on a shared machine other jobs drift; interleaving spreads that over all configurations)")
@@ -58,12 +65,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_training(args: argparse.Namespace, run_dir: Path, engine: str, mode: str) -> float:
+POLICY_ARGS = {
+    "off": ["--checkpoint.mode", "off"],
+    "sync": ["--checkpoint.mode", "sync"],
+    "async": ["--checkpoint.mode", "async"],
+    "steps": ["--checkpoint.mode", "async", "--checkpoint.every_steps", "{every_steps}"],
+    "auto": ["--checkpoint.mode", "async", "--checkpoint.every_minutes", "auto", "--checkpoint.mtbf_hours",
+             "{mtbf_hours}"],
+}
+
+
+def run_training(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -> float:
     train = ["-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
              "--epochs", str(args.epochs), "--data.image_size", str(args.image_size),
              "--data.train_samples", str(args.train_samples), "--data.val_samples", str(args.batch_size),
              "--data.num_workers", "0", "--train.batch_size", str(args.batch_size), "--train.log_every", "1000",
-             "--checkpoint.mode", mode, "--checkpoint.engine", engine, "--checkpoint.keep", "1000",
+             *[a.format(every_steps=args.every_steps, mtbf_hours=args.mtbf_hours) for a in POLICY_ARGS[policy]],
+             "--checkpoint.engine", engine, "--checkpoint.keep", "1000",
              "--checkpoint.permanent_every", "0", "--metrics.wandb", "disabled", "--metrics.progress", "off"]
     cmd = [sys.executable, *train]
     if args.nproc > 1:
@@ -117,15 +135,17 @@ def main() -> int:
     args = parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    configs = [("-", "off")] + [(e, m) for e in args.engines.split(",") for m in args.modes.split(",")]
+    policies = args.policies.split(",")
+    configs = [("-", "off"), ("-", "off again")] if "off" in policies else []
+    configs += [(e, p) for e in args.engines.split(",") for p in policies if p != "off"]
     results: dict[tuple[str, str], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
     for round_ in range(args.rounds):
-        for engine, mode in configs:
-            run_dir = out / f"{engine.strip('-') or 'none'}-{mode}-{round_}"
+        for engine, policy in (configs if round_ % 2 == 0 else configs[::-1]):
+            run_dir = out / f"{engine.strip('-') or 'none'}-{policy.replace(' ', '-')}-{round_}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            wall = run_training(args, run_dir, engine if engine != "-" else "torchsnapshot", mode)
-            measure(run_dir, results[(engine, mode)])
-            sys.stderr.write(f"round {round_ + 1}/{args.rounds} {engine} {mode}: {wall:.0f} s\n")
+            wall = run_training(args, run_dir, engine if engine != "-" else "torchsnapshot", policy.split()[0])
+            measure(run_dir, results[(engine, policy)])
+            sys.stderr.write(f"round {round_ + 1}/{args.rounds} {engine} {policy}: {wall:.0f} s\n")
             if not args.keep:
                 shutil.rmtree(run_dir)
     size = max((max(r["size"], default=0) for r in results.values()), default=0)
@@ -140,16 +160,18 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], dict[st
     base, base_min = med(results[("-", "off")]["epoch"]), min(results[("-", "off")]["epoch"])
     mb = size / 2**20
     w = sys.stdout.write
+    spread = abs(med(results[("-", "off again")]["epoch"]) / base - 1) if ("-", "off again") in results else float("nan")
     w(f"\n{Path(args.config).name}, {args.nproc} process(es), {args.epochs} epochs of {args.train_samples} "
       f"samples at {args.image_size}px, batch {args.batch_size}, {args.rounds} round(s); snapshot {mb:.0f} MB "
       f"(model + AdamW + TrainState), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}\n")
     w(f"dd on the same disk: {dd_cache:.0f} MB/s into the page cache, {dd_sync:.0f} MB/s with fdatasync\n\n")
-    head = ["engine", "mode", "epoch s med/min", "x off med/min", "blocked s med/first", "write s", "write MB/s",
-            "checksum s", "verify s", "verify MB/s"]
+    head = ["engine", "policy", "epoch s med/min", "x off med/min", "snapshots", "blocked s med/first", "write s",
+            "write MB/s", "checksum s", "verify s", "verify MB/s"]
     rows = [head]
     for (engine, mode), r in results.items():
         row = [engine, mode, f"{med(r['epoch']):.2f} / {min(r['epoch']):.2f}",
-               f"{med(r['epoch']) / base:.3f} / {min(r['epoch']) / base_min:.3f}"]
+               f"{med(r['epoch']) / base:.3f} / {min(r['epoch']) / base_min:.3f}",
+               f"{len(r['blocked']) / args.rounds:.0f}"]
         if r["blocked"]:
             row.append(f"{med(r['blocked']):.3f} / {med(r['first_blocked']):.3f}")
             row += [f"{med(r['write']):.2f}", f"{med(r['size']) / 2**20 / med(r['write']):.0f}",
@@ -161,13 +183,20 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], dict[st
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         w("  ".join(c.rjust(wd) if i > 1 else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))) + "\n")
+    w(f"noise floor: two identical runs without snapshots differ by {spread:.1%} in median epoch time; a ratio "
+      f"within that of 1.000 is no finding\n")
     for engine in args.engines.split(","):
         s, a = results.get((engine, "sync")), results.get((engine, "async"))
         if s and a and s["blocked"] and a["blocked"]:
             ratio = med(a["blocked"]) / med(s["blocked"])
             w(f"{engine}: async blocks the loop {ratio:.1%} of a sync snapshot (target <= 5%); epoch time with an "
-              f"async snapshot every epoch {med(a['epoch']) / base:.3f}x none, median (target <= 1.02x); "
+              f"async snapshot every epoch {med(a['epoch']) / base:.3f}x none, median; "
               f"blocked time alone is {med(a['blocked']) / base:.1%} of an epoch\n")
+        for policy, target in (("steps", 1.03), ("auto", 1.02)):
+            r = results.get((engine, policy))
+            if r and r["epoch"]:
+                w(f"{engine}: epoch time with policy {policy} {med(r['epoch']) / base:.3f}x none, median "
+                  f"(target <= {target}x), {len(r['blocked']) / args.rounds:.0f} snapshots a run\n")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from typing import Any
 
 MIN_AUTO_S = 10.0
 """The shortest automatic interval: below it, snapshots would follow each other as fast as they are written."""
-FIRST_AUTO_S = 60.0
-"""Under 'auto', the first snapshot comes after this long (or the first epoch end), to measure its cost."""
+ASSUMED_COST_S = 1.0
+"""Under 'auto', the cost assumed until the first snapshot of this process has been measured (about a
+synchronous snapshot of a few hundred MB here)."""
 
 
 def young_daly(cost_s: float, mtbf_s: float) -> float:
@@ -103,7 +104,7 @@ class SnapshotClock:
         """Seconds between time-based snapshots; None when they are off."""
         if self.auto:
             cost = self.cost_s
-            return FIRST_AUTO_S if cost is None else young_daly(cost, self.mtbf_s)
+            return young_daly(ASSUMED_COST_S if cost is None else cost, self.mtbf_s)
         minutes = float(self.every_minutes)
         return minutes * 60.0 if minutes > 0 else None
 
@@ -154,7 +155,6 @@ class SnapshotClock:
             return "no time-based snapshots"
         if not self.auto:
             return f"snapshot every {interval / 60:.1f} min (checkpoint.every_minutes)"
-        if self.cost_s is None:
-            return f"first snapshot after {interval / 60:.1f} min, to measure its cost"
-        return (f"snapshot every {interval / 60:.1f} min: cost {self.cost_s:.2f} s, MTBF {self.mtbf_s / 3600:.1f} h "
+        cost = f"cost {self.cost_s:.2f} s" if self.cost_s is not None else f"cost {ASSUMED_COST_S:.0f} s assumed until measured"
+        return (f"snapshot every {interval / 60:.1f} min: {cost}, MTBF {self.mtbf_s / 3600:.1f} h "
                 f"({self.failures} failure(s) in {self.hours_observed:.1f} h seen here, prior {self.mtbf_hours} h)")

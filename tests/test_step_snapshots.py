@@ -22,7 +22,7 @@ from elastictrain.checkpoint import CheckpointManager, ModelState, OptimizerStat
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext
 from elastictrain.engines import build_engine
-from elastictrain.interval import (FIRST_AUTO_S, MIN_AUTO_S, SnapshotClock, estimated_mtbf_hours, failure_history,
+from elastictrain.interval import (ASSUMED_COST_S, MIN_AUTO_S, SnapshotClock, estimated_mtbf_hours, failure_history,
                                    young_daly)
 from elastictrain.state import TrainState
 from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, load_final, read_jsonl, run_cli, tiny_args,
@@ -53,7 +53,8 @@ def test_young_daly_choice_and_mtbf_from_the_history() -> None:
     assert estimated_mtbf_hours(6.0, 0, 0.0) == 6.0
     assert estimated_mtbf_hours(6.0, 2, 3.0) == 3.0  # (6 + 3) h over (1 + 2) failures
     clock = SnapshotClock(every_minutes="auto", mtbf_hours=6.0)
-    assert clock.interval_s() == FIRST_AUTO_S and "to measure its cost" in clock.describe()
+    assert clock.interval_s() == pytest.approx((2 * ASSUMED_COST_S * 6 * 3600) ** 0.5)
+    assert "cost 1 s assumed until measured" in clock.describe()
     clock.boundary(0.0, writing=False)
     for t in (1.0, 2.0, 3.0):  # steps of 1 s
         clock.boundary(t, writing=False)
@@ -257,7 +258,7 @@ def test_auto_interval_is_logged_with_its_reasons_and_counts_failures(tmp_path: 
     out = run_cli(args, check=True).stdout
     events = [r for r in read_jsonl(run_dir) if r.get("event") == "snapshot_interval"]
     first_attempt, second = [e for e in events if e["failures_seen"] == 0], [e for e in events if e["failures_seen"]]
-    assert first_attempt[0]["reason"] == "first snapshot after 1.0 min, to measure its cost"
+    assert first_attempt[0]["reason"].startswith("snapshot every 3.5 min: cost 1 s assumed until measured, MTBF 6.0 h")
     measured = [e for e in events if e["cost_s"] > 0]
     assert measured, events
     for e in measured:  # the Young/Daly choice from what was measured

@@ -1,0 +1,173 @@
+"""Expected work lost per failure: a run SIGKILLed at a random time, then the same command again; with a
+snapshot at every epoch end only, against the automatic interval (``--checkpoint.every_minutes auto``).
+
+    python bench/bench_work_lost.py --trials 10          # resnet34 Unet (configs/default.yaml), 1 process
+
+Per trial and configuration (interleaved, the order reversed every other trial): start the run; at a time
+drawn uniformly from [--kill-after, --kill-after + --window] seconds after its first training step, SIGKILL
+its whole process group; run the same command again and stop it at its first training step after the resume.
+
+  recomputed   optimizer steps done before the kill that the resumed run does again (last step logged before
+               the kill minus the step resumed from), and the time they took (their count times the median
+               step time of the killed run)
+  restart      kill -> the first training step after the resume (start-up, restore, one step)
+  lost         recomputed time + restart: what the failure cost
+
+The automatic interval is sqrt(2 C MTBF). On a real run MTBF is hours and epochs are long; a bench cannot wait
+that long, so the epoch here is about a minute and --mtbf-hours is scaled down (default 0.15 h) so that the
+interval lands well inside an epoch, as it would with a 6 h MTBF and hour-long epochs. The printed interval
+shows what was chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train-samples", type=int, default=2400, help="samples an epoch (the epoch must be long)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--engines", default="torchsnapshot,dcp")
+    p.add_argument("--mtbf-hours", type=float, default=0.15)
+    p.add_argument("--kill-after", type=float, default=10.0, help="earliest kill, seconds after the first step")
+    p.add_argument("--window", type=float, default=50.0, help="kill times are uniform over this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-lost")
+    return p.parse_args()
+
+
+def command(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -> list[str]:
+    extra = ["--checkpoint.every_minutes", "auto", "--checkpoint.mtbf_hours", str(args.mtbf_hours)] \
+        if policy == "auto" else []
+    return [sys.executable, "-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
+            "--epochs", "3", "--data.image_size", str(args.image_size), "--data.train_samples",
+            str(args.train_samples), "--data.val_samples", str(args.batch_size), "--data.num_workers", "0",
+            "--train.batch_size", str(args.batch_size), "--train.log_every", "1", "--checkpoint.engine", engine,
+            "--checkpoint.keep", "3", "--metrics.wandb", "disabled", "--metrics.progress", "off", *extra]
+
+
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled"}
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until(predicate: Any, timeout: float, proc: subprocess.Popen[bytes]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before it was expected to")
+        time.sleep(0.05)
+    raise TimeoutError("timed out")
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def trial(args: argparse.Namespace, run_dir: Path, engine: str, policy: str, delay: float) -> dict[str, float]:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cmd = command(args, run_dir, engine, policy)
+    proc = start(cmd, run_dir.parent / f"{run_dir.name}.log")
+    try:
+        first = wait_until(lambda: next((r for r in records(run_dir) if r["kind"] == "train"), None), 600, proc)
+        time.sleep(max(0.0, first["time"] + delay - time.time()))
+        killed_at = time.time()
+    finally:
+        kill(proc)
+    before = [r for r in records(run_dir) if r["kind"] == "train" and r["time"] <= killed_at]
+    steps = [b["time"] - a["time"] for a, b in zip(before, before[1:]) if b["step"] == a["step"] + 1]
+    intervals = [r for r in records(run_dir) if r.get("event") == "snapshot_interval"]
+    proc = start(cmd, run_dir.parent / f"{run_dir.name}.log")
+    try:
+        def resumed_step() -> dict[str, Any] | None:
+            rs = records(run_dir)
+            i = next((i for i, r in enumerate(rs) if r.get("event") in ("resume", "start") and r["time"] > killed_at),
+                     None)
+            return None if i is None else next((r for r in rs[i:] if r["kind"] == "train"), None)
+
+        after = wait_until(resumed_step, 600, proc)
+    finally:
+        kill(proc)
+    again = [r for r in records(run_dir) if r.get("event") in ("resume", "start") and r["time"] > killed_at][0]
+    recomputed = before[-1]["step"] - again["step"]
+    step_s = statistics.median(steps) if steps else 0.0
+    return {"delay": delay, "recomputed_steps": recomputed, "recomputed_s": recomputed * step_s,
+            "restart_s": after["time"] - killed_at, "lost_s": recomputed * step_s + after["time"] - killed_at,
+            "step_s": step_s, "interval_s": intervals[-1]["interval_s"] if intervals else float("nan")}
+
+
+def main() -> int:
+    args = parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    configs = [(e, p) for e in args.engines.split(",") for p in ("epoch", "auto")]
+    results: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in configs}
+    for t in range(args.trials):
+        delay = args.kill_after + rng.uniform(0, args.window)  # the same kill time for every configuration
+        for engine, policy in (configs if t % 2 == 0 else configs[::-1]):
+            r = trial(args, out / f"{engine}-{policy}", engine, policy, delay)
+            results[(engine, policy)].append(r)
+            sys.stderr.write(f"trial {t + 1}/{args.trials} {engine} {policy}: killed {delay:.1f}s in, "
+                             f"{r['recomputed_steps']} steps redone, restart {r['restart_s']:.1f}s\n")
+    med, mean = statistics.median, statistics.mean
+    w = sys.stdout.write
+    w(f"\n{Path(args.config).name}, 1 process, {args.train_samples} samples an epoch at {args.image_size}px, batch "
+      f"{args.batch_size}; {args.trials} kills per configuration, uniform over {args.kill_after:.0f}-"
+      f"{args.kill_after + args.window:.0f} s after the first step; auto with MTBF {args.mtbf_hours} h\n\n")
+    w(f"{'engine':<14}{'snapshots':<10}{'step s':>8}{'interval s':>12}{'redone steps mean':>19}"
+      f"{'redone s mean':>15}{'restart s med':>15}{'lost s mean':>13}{'lost s med':>12}\n")
+    for (engine, policy), rs in results.items():
+        w(f"{engine:<14}{policy:<10}{med(r['step_s'] for r in rs):>8.2f}"
+          f"{med(r['interval_s'] for r in rs):>12.1f}{mean(r['recomputed_steps'] for r in rs):>19.1f}"
+          f"{mean(r['recomputed_s'] for r in rs):>15.1f}{med(r['restart_s'] for r in rs):>15.1f}"
+          f"{mean(r['lost_s'] for r in rs):>13.1f}{med(r['lost_s'] for r in rs):>12.1f}\n")
+    for engine in args.engines.split(","):
+        epoch, auto = results[(engine, "epoch")], results[(engine, "auto")]
+        w(f"{engine}: expected work lost per failure, auto / epoch-only = "
+          f"{mean(r['lost_s'] for r in auto) / mean(r['lost_s'] for r in epoch):.2f}\n")
+    (out / "results.json").write_text(json.dumps({f"{e}/{p}": v for (e, p), v in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
