@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -81,11 +82,37 @@ class OptimizerState:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
 
+    @property
+    def _sharded(self) -> bool:
+        return any(isinstance(p, DTensor) for g in self.optimizer.param_groups for p in g["params"])
+
+    @property
+    def wants_template(self) -> bool:
+        """True when the optimizer has no state yet and is not sharded: an engine then builds the tensors to
+        read into from the snapshot itself. (Asking for a state dict now would initialise the state with a
+        fake optimizer step on zero gradients: ~0.7 s for a resnet34 Unet, on every restart.)"""
+        return not self.optimizer.state and not self._sharded
+
     def state_dict(self) -> dict[str, Any]:
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, sd)
+        if self._sharded:
+            set_optimizer_state_dict(self.model, self.optimizer, sd)
+            return
+        # Unsharded: the optimizer's own load, with parameter names mapped to its positions (what
+        # set_optimizer_state_dict does too, after the same fake step as above).
+        from elastictrain.parallelize import unwrap
+
+        names = {id(p): n for n, p in unwrap(self.model).named_parameters()}
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        index = {n: i for i, n in enumerate(order)}
+        unknown = [n for n in sd["state"] if n not in index]
+        if unknown:
+            raise ValueError(f"optimizer state for parameters this model does not have: {unknown[:3]}")
+        self.optimizer.load_state_dict({
+            "state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]})
 
 
 class JsonState:

@@ -141,6 +141,17 @@ class TorchSnapshotEngine:
                       replicated=["**"])
 
     def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
+        from elastictrain import ts_format
+
+        try:
+            if ts_format.read(path, app_state):
+                return
+        except ts_format.FormatError as e:
+            raise EngineReadError(f"could not read {path}: {e}") from e
+        self._read_with_torchsnapshot(path, app_state, ctx)
+
+    def _read_with_torchsnapshot(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
+        """torchsnapshot's own reader, for what ts_format does not read (FSDP2 shards, chunked tensors)."""
         from torchsnapshot import Snapshot
 
         _private_random_for_torchsnapshot()
@@ -246,9 +257,69 @@ class DCPEngine:
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
-            dcp.load(app_state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed)
+            templates = {k: _dcp_template(path, k) for k, v in app_state.items() if getattr(v, "wants_template", False)}
+            state = {k: templates.get(k, v) for k, v in app_state.items()}
+            dcp.load(state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed,
+                     planner=_WeightsOnlyLoadPlanner())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             raise EngineReadError(f"DCP could not read {path}: {type(e).__name__}: {e}") from e
+        for key, template in templates.items():
+            app_state[key].load_state_dict(template)
+
+
+def _dcp_template(path: Path, key: str) -> dict[str, Any]:
+    """The state dict of ``key`` as the snapshot holds it, with empty tensors of the saved shapes to read into
+    (from DCP's metadata: its flattened keys and the path each came from)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    root: dict[str, Any] = {}
+    for flat, item in metadata.state_dict_metadata.items():
+        where = (metadata.planner_data or {}).get(flat, (flat,))
+        if where[0] != key:
+            continue
+        value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) \
+            else None  # an object: DCP replaces it with what it reads
+        _set_path(root, where, value)
+    return root.get(key, {})
+
+
+def _set_path(root: dict[str, Any], where: tuple[Any, ...], value: Any) -> None:
+    """Put ``value`` at ``where`` (dict keys and list indices), making the containers on the way."""
+    node: Any = root
+    for key, nxt in zip(where, where[1:]):
+        empty: Any = [] if isinstance(nxt, int) else {}
+        if isinstance(node, list):
+            node.extend([None] * (key + 1 - len(node)))
+            node[key] = empty if node[key] is None else node[key]
+        else:
+            node.setdefault(key, empty)
+        node = node[key]
+    if isinstance(node, list):
+        node.extend([None] * (where[-1] + 1 - len(node)))
+    node[where[-1]] = value
+
+
+def _weights_only_planner_class() -> type:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        """DCP's default planner unpickles every non-tensor entry with ``torch.load(weights_only=False)``,
+        which runs whatever code a tampered file holds. Ours only ever loads weights_only."""
+
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                _set_path(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyLoadPlanner
+
+
+def _WeightsOnlyLoadPlanner() -> Any:  # noqa: N802 - a factory that reads like the class it makes
+    return _weights_only_planner_class()()
 
 
 ENGINES: dict[str, type] = {"torchsnapshot": TorchSnapshotEngine, "dcp": DCPEngine}

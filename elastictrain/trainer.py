@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,6 +32,19 @@ from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everyt
 log = logging.getLogger(__name__)
 
 FINISHED = 0
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere since this module was imported)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return round(time.monotonic() - _IMPORTED, 3)
+
+
+_IMPORTED = time.monotonic()
 
 
 def batch_geometry(batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
@@ -93,6 +107,8 @@ class Trainer:
         self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
         self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
         self.preemption = preemption or Preemption(cfg.preemption)
+        self.stepped = False
+        """Whether this process has completed a training step."""
 
     # ---------- start-up ----------
     def resume(self) -> dict[str, Any] | None:
@@ -167,6 +183,9 @@ class Trainer:
             losses.append(self.train_step(batches))
             self.state.step += 1
             self.state.sample_offset += self.loaders.train_sampler.global_batch
+            if not self.stepped:  # how long start-up (and a restore) took, to the first step done
+                self.stepped = True
+                self.metrics.log("event", self.state.step, event="first_step", since_start=process_age())
             self.faults.maybe_fire("step", self.state.step)
             if self.state.step % self.cfg.train.log_every == 0:
                 self.log_train(epoch, losses[-self.cfg.train.log_every:])

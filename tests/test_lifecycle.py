@@ -99,8 +99,10 @@ def test_ckpt_export_and_inspect_refuse_a_read_they_cannot_prove(six: dict[str, 
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = fresh_copy(six["torchsnapshot"], tmp_path / "run")
     newest = run_dir / "snapshots" / manifest.snapshot_name(6, 24)
-    data = largest_data_file(newest, build_engine("torchsnapshot").marker)
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    entries = json.loads((newest / ".snapshot_metadata").read_text())["manifest"]
+    weight = next(e for k, e in entries.items() if k.startswith("0/model/") and e["type"] == "Tensor")
+    data = newest / weight["location"]  # the file holding a model weight, cut off before that weight
+    data.write_bytes(data.read_bytes()[: weight["byte_range"][0]])
     assert ckpt_main(["export", str(newest), str(tmp_path / "m.pt"), "--no-verify"]) == 1
     err = capsys.readouterr().err
     assert "snapshot is damaged" in err and len(err.splitlines()) < 5, err[-2000:]
