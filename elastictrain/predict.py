@@ -55,20 +55,10 @@ def _read_run_config(run_dir: Path) -> Config | None:
 
 
 def _model_from_snapshot(path: Path, verify: bool) -> tuple[nn.Module, Config]:
-    from elastictrain.checkpoint import ModelState, open_snapshot, read_snapshot_state
-    from elastictrain.engines import build_engine
+    from elastictrain.offline import load_snapshot_model
 
-    commit = open_snapshot(path, verify)
-    cfg = from_dict(read_snapshot_state(path, commit).config)
-    model = _empty_model(cfg)
-    build_engine(commit["engine"]).load(path, {"model": ModelState(model)}, _standalone())
-    return model, cfg
-
-
-def _standalone() -> Any:
-    from elastictrain.checkpoint import standalone_context
-
-    return standalone_context()
+    model, state = load_snapshot_model(path, verify)
+    return model, from_dict(state.config)
 
 
 def _empty_model(cfg: Config) -> nn.Module:
@@ -95,7 +85,7 @@ def load_trained_model(path: Path, verify: bool = True) -> tuple[nn.Module, Conf
     """
     if not path.exists():
         raise UserError(f"--model: no such file or directory: {path}")
-    if path.is_dir() and manifest.read_commit(path) is not None:
+    if path.is_dir() and (manifest.is_snapshot_name(path.name) or (path / manifest.COMMIT).exists()):
         model, cfg = _model_from_snapshot(path, verify)
         return model.eval(), cfg, f"snapshot {path}"
     if path.is_dir():
