@@ -96,6 +96,8 @@ def parse(value: Any) -> tuple[list[Step], list[str]]:
         value = "default"
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, dict):  # one augmentation with arguments, written without the list around it
+        value = [value]
     if not isinstance(value, list):
         return [], [f"--data.augment: expected a preset name or a list of augmentations, got {value!r}"]
     steps: list[Step] = []

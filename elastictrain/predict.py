@@ -108,7 +108,9 @@ def load_trained_model(path: Path, verify: bool = True) -> tuple[nn.Module, Conf
 
 
 class _Images(Dataset):
-    """Input images through the validation pipeline, with their original size and (optionally) mask."""
+    """Input images through the validation pipeline, with their original size and (optionally) mask; an
+    unreadable file comes back as its error message (from a worker, an exception would arrive wrapped in
+    DataLoader's traceback text and end the whole run at the first bad file)."""
 
     def __init__(self, images: list[Path], masks: list[Path] | None, pipeline: SamplePipeline) -> None:
         self.images, self.masks, self.pipeline = images, masks, pipeline
@@ -116,21 +118,30 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, tuple[int, int], int, torch.Tensor | None]:
-        image = load_image(self.images[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, tuple[int, int], int, torch.Tensor | None] | str:
+        from PIL import Image
+
+        try:
+            image = load_image(self.images[i])
+        except (OSError, SyntaxError, ValueError) as e:
+            return f"{self.images[i]}: not a readable image ({e})"
         size = (int(image.shape[1]), int(image.shape[2]))
         model_input, _ = self.pipeline(image, torch.zeros(size, dtype=torch.int64))
         mask = None
         if self.masks is not None:
-            from PIL import Image
-
-            with Image.open(self.masks[i]) as m:
-                mask = torch.from_numpy(np.asarray(m, dtype=np.int64))
+            try:
+                with Image.open(self.masks[i]) as m:
+                    mask = torch.from_numpy(np.asarray(m, dtype=np.int64))
+            except (OSError, SyntaxError, ValueError) as e:
+                return f"{self.masks[i]}: not a readable mask ({e})"
         return model_input, size, i, mask
 
 
-def _collate(batch: list) -> tuple[torch.Tensor, list, list, list]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch], [b[3] for b in batch]
+def _collate(batch: list) -> tuple[torch.Tensor | None, list, list, list, list[str]]:
+    good = [b for b in batch if not isinstance(b, str)]
+    images = torch.stack([b[0] for b in good]) if good else None
+    return images, [b[1] for b in good], [b[2] for b in good], [b[3] for b in good], \
+        [b for b in batch if isinstance(b, str)]
 
 
 def _list_inputs(input_dir: Path, masks_dir: Path | None, output: Path) -> tuple[list[Path], list[Path] | None]:
@@ -144,6 +155,8 @@ def _list_inputs(input_dir: Path, masks_dir: Path | None, output: Path) -> tuple
         if p.stem in stems:
             raise UserError(f"--input: {p} and {stems[p.stem]} would both be predicted as {output / (p.stem + '.png')}")
         stems[p.stem] = p
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output}: exists and is not a directory")
     resolved_out = output.resolve()
     if resolved_out == input_dir.resolve() or (masks_dir is not None and resolved_out == masks_dir.resolve()):
         raise UserError(f"--output {output}: is the input or masks folder; predictions would overwrite them")
@@ -179,8 +192,12 @@ def predict(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]
              cfg.data.image_size, device)
     args.output.mkdir(parents=True, exist_ok=True)
     stats = torch.zeros(4, cfg.data.num_classes, dtype=torch.long)
+    unreadable: list[str] = []
     with torch.no_grad():
-        for batch, sizes, indices, truths in _progress(loader, len(images), args.progress):
+        for batch, sizes, indices, truths, errors in _progress(loader, len(images), args.progress):
+            unreadable += errors
+            if batch is None:
+                continue
             with devices.autocast(device, amp):
                 logits = model(batch.to(device))
             for k, (size, i, truth) in enumerate(zip(sizes, indices, truths)):
@@ -191,7 +208,10 @@ def predict(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]
                 _save(class_index_png(pred.numpy(), cfg.data.num_classes), args.output / f"{images[i].stem}.png")
                 if truth is not None:
                     stats += _stats(pred, truth, masks[i], images[i], cfg.data.num_classes, ignore)
-    log.info("wrote %d prediction(s) to %s", len(images), args.output)
+    log.info("wrote %d prediction(s) to %s", len(images) - len(unreadable), args.output)
+    if unreadable:  # the others are written; scores over a subset would pass for the whole folder
+        raise UserError(f"{len(unreadable)} file(s) could not be read, so no prediction and no score for them:\n  "
+                        + "\n  ".join(unreadable))
     return (scores(stats, names) if masks is not None else None), names
 
 

@@ -193,3 +193,7 @@ def test_predict_refuses_bad_requests_in_one_message(reference_runs: dict[int, P
     with pytest.raises(UserError, match="--model: no such file"):
         run(model=tmp_path / "nope")
     assert not (tmp_path / "out").exists()  # nothing was written for a refused request
+    (images / "im1.png").write_bytes(b"truncated")  # one bad file among good ones: the others are predicted
+    with pytest.raises(UserError, match=r"1 file\(s\) could not be read.*\n  .*im1.png: not a readable image"):
+        run()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["im0.png", "im2.png"]
