@@ -22,7 +22,7 @@ from elastictrain.metrics import MetricsLogger, read_metrics
 from elastictrain.plot import figure
 from elastictrain.predict import predict
 from elastictrain.viz import Example
-from helpers import ROOT, base_env, cli_cmd, read_jsonl, run_cli, tiny_args
+from helpers import ROOT, base_env, cli_cmd, read_jsonl, run_cli, tiny_args, wait_for
 from test_metrics import make_cfg, read_wandb_file, wandb_env
 
 NAMES = ["background", "disc", "box", "spike"]
@@ -92,6 +92,9 @@ def test_prediction_images_reach_wandb_with_their_masks(monkeypatch: pytest.Monk
     logger.log_predictions(4, examples, NAMES[:3], ignore_index=255)
     logger.close()
     (path,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    # Under load, wandb-core was seen to write the transaction log only after finish() had returned (the file
+    # still held just its 7-byte header; tests/test_metrics.py's killed-attempt test flakes the same way).
+    wait_for(lambda: any(r.HasField("history") for r in read_wandb_file(path)), 60, "wandb's history on disk")
     rows = [r.history for r in read_wandb_file(path) if r.HasField("history")]
     keys = {item.key or item.nested_key[0] for row in rows for item in row.item}  # an image: ["val/predictions", ...]
     assert {"val/val_loss", "val/predictions"} <= keys
