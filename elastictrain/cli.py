@@ -1,10 +1,11 @@
 """Command line: ``elastictrain [train] [--config FILE] [--section.key value ...]``, ``elastictrain ckpt ...``,
-``elastictrain plot RUN_DIR``. Teardown happens in one ``try/finally``."""
+``elastictrain plot RUN_DIR``, ``elastictrain predict ...``. Teardown happens in one ``try/finally``."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -17,6 +18,7 @@ USAGE = """\
 usage: elastictrain [train] [--config FILE] [--section.key VALUE ...]
        elastictrain ckpt {list,inspect,export,clean} ...
        elastictrain plot RUN_DIR [--out FILE]
+       elastictrain predict --model RUN_DIR|final_model.pt|SNAPSHOT --input DIR --output DIR [--masks DIR]
 
 Fault-tolerant segmentation training. Run it plainly (one device, no process group) or under torchrun
 (DDP/FSDP2); it always resumes from the latest complete snapshot in --run.dir.
@@ -25,7 +27,8 @@ Fault-tolerant segmentation training. Run it plainly (one device, no process gro
   torchrun --nproc-per-node 2 -m elastictrain --config configs/tiny.yaml --run.dir runs/tiny2
 
 Exit status: 0 finished, 75 stopped by a preemption signal after a snapshot (run the same command
-again to continue), 2 invalid configuration, 1 any other failure.
+again to continue), 130 stopped at once by a second Ctrl-C (no snapshot of that step), 2 invalid
+configuration, 1 any other failure.
 """
 
 
@@ -46,9 +49,20 @@ def help_text() -> str:
 def train(argv: list[str]) -> int:
     try:
         cfg = load_config(argv)
+        # Before any process group: a machine without the weights gets one message, not a hung job; local
+        # rank 0 downloads, the node's other ranks wait for its files in the cache.
+        if cfg.model.encoder_weights is not None:
+            from elastictrain.model import fetch_encoder_weights
+
+            fetch_encoder_weights(cfg.model, int(os.environ.get("LOCAL_RANK", "0")), cfg.dist.timeout_s)
     except (ValueError, FileNotFoundError) as e:
         sys.stderr.write(f"elastictrain: {e}\n")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while downloading weights: no handler is installed yet, nothing to save
+        from elastictrain.preemption import INTERRUPTED_EXIT_CODE
+
+        sys.stderr.write("elastictrain: interrupted before training started\n")
+        return INTERRUPTED_EXIT_CODE
     return run_training(cfg)
 
 
@@ -95,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from elastictrain.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv[:1] == ["predict"]:
+        from elastictrain.predict import main as predict_main
+
+        return predict_main(argv[1:])
     if argv[:1] == ["train"]:
         argv = argv[1:]
     return train(argv)

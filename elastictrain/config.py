@@ -33,19 +33,25 @@ class DataConfig:
     source: str = "generated"
     """'generated' (synthetic shapes, made locally from the seed) or 'folder' (images/ + masks/ under data.root)."""
     root: str = ""
-    """For source=folder: directory holding images/ and masks/ with matching file stems."""
+    """For source=folder: directory holding images/ and masks/ (or train/ and val/, each with both), matching stems."""
     image_size: int = 256
-    """Side of the square images fed to the model (folder images are resized to it)."""
+    """Side of the square images fed to the model: images of any size are resized to it (predictions are resized back)."""
     num_classes: int = 4
     """Number of classes including background (class 0); masks hold class ids 0..num_classes-1."""
+    class_names: list[str] = field(default_factory=list)
+    """One name per class id, for metrics, plots and prediction pictures; empty = background, class1, class2, ..."""
+    ignore_index: int | None = None
+    """Mask value left out of the loss and the metrics (e.g. 255 for object borders); None = every pixel counts."""
     train_samples: int = 512
     """For source=generated: number of training images."""
     val_samples: int = 64
     """For source=generated: number of validation images."""
     val_fraction: float = 0.1
-    """For source=folder: fraction of the files (after a seeded shuffle) held out for validation."""
-    augment: bool = True
-    """Random flips/rotations of training samples, seeded by (seed, epoch, sample index)."""
+    """For source=folder without train/ and val/ folders or val_list: fraction of the files (seeded shuffle) for validation."""
+    val_list: str = ""
+    """For source=folder: a text file naming the validation images (file name or stem per line); the rest train."""
+    augment: Any = "default"
+    """Training augmentations (torchvision v2, see elastictrain/augment.py): 'default', 'none', or a list like [hflip, {rotate: {degrees: 30}}]."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 loads in the training process)."""
 
@@ -57,7 +63,7 @@ class ModelConfig:
     encoder: str = "resnet34"
     """smp encoder name (resnet34, mobilenet_v2, tu-<timm name>, ...)."""
     encoder_weights: str | None = None
-    """Pretrained encoder weights; None (default) never downloads anything."""
+    """Pretrained encoder weights, e.g. 'imagenet' (for tu- encoders any value means timm's default tag); None never downloads."""
     encoder_depth: int = 5
     """Number of encoder stages (3-5); fewer is smaller and faster."""
     decoder_channels: list[int] = field(default_factory=list)
@@ -215,7 +221,17 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, flag: str, from_cli: bool) -> Any:
-    """Convert ``value`` to ``tp``; raise ValueError naming ``flag`` when it cannot be done."""
+    """Convert ``value`` to ``tp``; raise ValueError naming ``flag`` when it cannot be done.
+
+    ``Any`` fields (data.augment) keep YAML's value; from the command line the string is read as YAML.
+    """
+    if tp is Any:
+        if from_cli and isinstance(value, str):
+            try:
+                return yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{flag}: {value!r} is not valid YAML: {e}") from None
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -342,6 +358,7 @@ def validate(cfg: Config) -> list[str]:
         p.append("--data.root: required when --data.source folder")
     if not 0 < cfg.data.val_fraction < 1:
         p.append(f"--data.val_fraction: must be between 0 and 1, got {cfg.data.val_fraction}")
+    p += _data_problems(cfg.data)
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         p.append(f"--train.micro_batch_size: must divide --train.batch_size ({cfg.train.batch_size}), "
                  f"got {cfg.train.micro_batch_size}")
@@ -358,6 +375,34 @@ def validate(cfg: Config) -> list[str]:
         except ValueError as e:
             p.append(f"--debug.fault: {e}")
     return p
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    """Class names, ignore_index and the augmentations."""
+    from elastictrain import augment
+
+    p = augment.parse(data.augment)[1]
+    names = data.class_names
+    if names and len(names) != data.num_classes:
+        p.append(f"--data.class_names: needs one name per class ({data.num_classes}, --data.num_classes), "
+                 f"got {len(names)}: {names}")
+    if len(set(names)) != len(names) or any(not n or "/" in n for n in names):
+        p.append(f"--data.class_names: names must be unique, non-empty and free of '/', got {names}")
+    if data.ignore_index is not None and 0 <= data.ignore_index < data.num_classes:
+        p.append(f"--data.ignore_index: {data.ignore_index} is a class id (0..{data.num_classes - 1}); "
+                 "use a value outside them, e.g. 255")
+    if data.val_list and data.source != "folder":
+        p.append("--data.val_list: only for --data.source folder")
+    return p
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML, atomically (what ``elastictrain predict`` reads back)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:

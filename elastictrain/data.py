@@ -1,4 +1,4 @@
-"""Datasets and the resumable distributed sampler.
+"""Datasets, the folder scan and the resumable distributed sampler.
 
 Two ideas make a restart at another world size neither repeat nor skip a sample:
 
@@ -7,14 +7,19 @@ Two ideas make a restart at another world size neither repeat nor skip a sample:
   picks its micro-batches out of that step. Resuming is ``set_position(epoch, offset)``.
 * A sample is addressed by the key ``(epoch, index)``, and all of its randomness (generation,
   augmentation) comes from ``(seed, epoch, index)``: it looks the same on whichever rank or worker loads it.
+
+Folder data (``data.source: folder``) is scanned once at start-up, on rank 0, and the result is shared with
+every rank: which files pair up, how they split into train and val, and every bad file found, all named in
+one error that every rank raises together.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import signal
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +27,21 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from elastictrain.config import Config
+from elastictrain import augment
+from elastictrain.augment import Normalization, SamplePipeline
+from elastictrain.config import Config, DataConfig
+from elastictrain.dist import DistContext, broadcast_object
+from elastictrain.errors import UserError
+from elastictrain.metrics import progress
+
+log = logging.getLogger(__name__)
 
 # Stream tags keep the random streams (order, generation, augmentation, folder split) apart for one seed.
 _ORDER, _GENERATE, _AUGMENT, _SPLIT, _TRAIN_LOADER, _VAL_LOADER = range(6)
 _SPLIT_IDS = {"train": 0, "val": 1}
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# ImageNet statistics: the convention smp's pretrained encoders expect, and roughly zero-mean
-# unit-variance for the generated images too.
-_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_INV_STD = 1 / np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _SINGLE_CHANNEL_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
+_LISTED_PROBLEMS = 30  # an error names this many bad files, then counts the rest
 
 
 def _entropy(seed: int, tag: int, *values: int) -> list[int]:
@@ -156,46 +165,25 @@ class ValSampler(Sampler[tuple[int, int]]):
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]], abc.ABC):
     """Image/mask pairs addressed by ``(epoch, index)``; subclasses only load sample ``index``.
 
-    ``dataset[(epoch, index)]`` returns the image as float32 ``CxHxW`` (ImageNet-normalized) and the mask
-    as int64 ``HxW`` holding class ids in ``[0, num_classes)``. With ``augment``, a random flip/90-degree
-    rotation drawn from ``(seed, epoch, index)`` alone is applied to both. A bare int is read as epoch 0.
+    ``dataset[(epoch, index)]`` returns the image as float32 ``CxHxW`` (resized, augmented when the pipeline
+    augments, normalised for the encoder) and the mask as int64 ``HxW`` holding class ids in
+    ``[0, num_classes)`` or ``ignore_index``. A bare int is read as epoch 0.
     """
 
-    def __init__(self, seed: int, num_classes: int, augment: bool) -> None:
-        self.seed = seed
-        self.num_classes = num_classes
-        self.augment = augment
+    def __init__(self, pipeline: SamplePipeline) -> None:
+        self.pipeline = pipeline
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
 
     @abc.abstractmethod
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return image float32 ``HxWx3`` in [0, 1] and mask integer ``HxW``."""
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return image ``3xHxW`` (uint8, or float in [0, 1]) and mask int64 ``HxW`` at their stored size."""
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = (0, int(key)) if isinstance(key, (int, np.integer)) else key
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         image, mask = self._load(index)
-        if self.augment:
-            image, mask = _flip_rotate(image, mask, _rng(self.seed, _AUGMENT, epoch, index))
-        # Normalize straight into the CxHxW layout: one pass, no temporaries (it is a large share of a sample).
-        chw = np.empty((3, *image.shape[:2]), dtype=np.float32)
-        np.subtract(image.transpose(2, 0, 1), _MEAN[:, None, None], out=chw)
-        chw *= _INV_STD[:, None, None]
-        return torch.from_numpy(chw), torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
-
-
-def _flip_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the same random element of the square's symmetry group to image and mask."""
-    turns, flip_h, flip_v = int(rng.integers(4)), bool(rng.integers(2)), bool(rng.integers(2))
-    image, mask = np.rot90(image, turns), np.rot90(mask, turns)
-    if flip_h:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    if flip_v:
-        image, mask = image[::-1], mask[::-1]
-    return image, mask
+        return self.pipeline(image, mask, epoch, index)
 
 
 class GeneratedDataset(SegmentationDataset):
@@ -207,10 +195,12 @@ class GeneratedDataset(SegmentationDataset):
     """
 
     def __init__(self, seed: int, split: str, num_samples: int, image_size: int, num_classes: int,
-                 augment: bool) -> None:
+                 pipeline: SamplePipeline) -> None:
         if split not in _SPLIT_IDS:
             raise ValueError(f"split must be one of {', '.join(_SPLIT_IDS)}, got {split!r}")
-        super().__init__(seed, num_classes, augment)
+        super().__init__(pipeline)
+        self.seed = seed
+        self.num_classes = num_classes
         self.split = split
         self.num_samples = num_samples
         self.image_size = image_size
@@ -219,7 +209,7 @@ class GeneratedDataset(SegmentationDataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = _rng(self.seed, _GENERATE, _SPLIT_IDS[self.split], index)
         size = self.image_size
         image = _background(rng, size)
@@ -233,7 +223,8 @@ class GeneratedDataset(SegmentationDataset):
         noise -= np.float32(0.5)
         noise *= np.float32(0.16)
         image += noise
-        return np.clip(image, 0.0, 1.0, out=image), mask
+        np.clip(image, 0.0, 1.0, out=image)
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)
 
 
 def _class_palette(num_classes: int) -> np.ndarray:
@@ -297,115 +288,265 @@ def _paint_shape(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
 
 
 class FolderDataset(SegmentationDataset):
-    """Image/mask file pairs, resized to ``image_size`` (images bilinear, masks nearest).
+    """Image/mask file pairs of any size; the pipeline resizes (or crops) them to ``data.image_size``.
 
-    Masks are checked EAGERLY at construction (every rank reads every mask once): a bad mask then stops
-    every rank at start-up with the same error, instead of one DataLoader worker crashing mid-epoch while
-    the other ranks wait in a collective. It costs ~1.5 ms per 512x512 mask (~5 s for 3000 files). The loaded
-    mask is checked again in ``__getitem__``, so a file changed since start-up is caught too.
+    The start-up scan (:func:`scan_folder`) has already checked every mask; a mask is checked again when it
+    is loaded, so a file changed since start-up is caught too.
 
     Args:
         pairs: (image file, mask file) per sample.
-        image_size: Output side.
-        num_classes: Masks must hold ids below it.
-        seed: Run seed for augmentation.
-        augment: Random flips/rotations.
+        num_classes: Masks must hold ids below it (or ``ignore_index``).
+        pipeline: Resize/augment/normalise.
+        ignore_index: A mask value that is allowed besides the class ids.
     """
 
-    def __init__(self, pairs: list[tuple[Path, Path]], image_size: int, num_classes: int, seed: int,
-                 augment: bool) -> None:
-        super().__init__(seed, num_classes, augment)
+    def __init__(self, pairs: list[tuple[Path, Path]], num_classes: int, pipeline: SamplePipeline,
+                 ignore_index: int | None = None) -> None:
+        super().__init__(pipeline)
         self.pairs = pairs
-        self.image_size = image_size
-        for image_path, mask_path in pairs:
-            self._check_mask(image_path, mask_path)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _check_mask(self, image_path: Path, mask_path: Path) -> None:
-        with Image.open(mask_path) as mask, Image.open(image_path) as image:
-            if mask.mode not in _SINGLE_CHANNEL_MODES:
-                raise ValueError(f"{mask_path}: mask has mode {mask.mode}; masks must be single-channel PNGs "
-                                 "whose pixel values are class ids")
-            if mask.size != image.size:
-                raise ValueError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image "
-                                 f"{image_path} is {image.size[0]}x{image.size[1]}")
-            # getextrema runs in C on the decoded mask; the slow path below only runs on the error.
-            lowest, highest = mask.getextrema()
-            if mask.mode == "1":
-                highest = min(highest, 1)  # bilevel masks report 255 for set pixels but load as class 1
-            if lowest < 0 or highest >= self.num_classes:
-                self._raise_bad_ids(mask_path, np.asarray(mask))
-
-    def _raise_bad_ids(self, mask_path: Path, mask: np.ndarray) -> None:
-        bad = np.unique(mask[(mask < 0) | (mask >= self.num_classes)]).tolist()
-        raise ValueError(f"{mask_path}: mask holds class ids {bad} but --data.num_classes is {self.num_classes} "
-                         f"(ids must be 0..{self.num_classes - 1})")
-
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        side = (self.image_size, self.image_size)
-        with Image.open(image_path) as image:
-            rgb = image.convert("RGB").resize(side, Image.Resampling.BILINEAR)
+        image = load_image(image_path)
         with Image.open(mask_path) as mask:
-            labels = np.asarray(mask.resize(side, Image.Resampling.NEAREST), dtype=np.int64)
-        if labels.min(initial=0) < 0 or labels.max(initial=0) >= self.num_classes:
-            self._raise_bad_ids(mask_path, labels)
-        return np.asarray(rgb, dtype=np.float32) / np.float32(255.0), labels
+            labels = np.asarray(mask, dtype=np.int64)
+        bad = bad_class_ids(labels, self.num_classes, self.ignore_index)
+        if bad:
+            raise ValueError(bad_ids_message(mask_path, bad, self.num_classes, self.ignore_index))
+        return image, torch.from_numpy(labels)
 
 
-def find_pairs(root: Path) -> list[tuple[Path, Path]]:
-    """Match ``root/images/*.{png,jpg,jpeg}`` with ``root/masks/<stem>.png``, sorted by file name.
+def load_image(path: Path) -> torch.Tensor:
+    """An image file as a uint8 ``3xHxW`` RGB tensor (grey, palette and RGBA images are converted)."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
-    Masks without an image are ignored.
 
-    Raises:
-        FileNotFoundError: naming a missing folder, or an image without a mask.
-        ValueError: if the images folder holds no images, or two images share a stem.
+def bad_class_ids(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> list[int]:
+    """The values in ``labels`` that are neither a class id nor ``ignore_index``."""
+    outside = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        outside &= labels != ignore_index
+    return np.unique(labels[outside]).tolist() if outside.any() else []
+
+
+def bad_ids_message(mask_path: Path, bad: list[int], num_classes: int, ignore_index: int | None) -> str:
+    allowed = f"0..{num_classes - 1}" + (f" or --data.ignore_index {ignore_index}" if ignore_index is not None else "")
+    return f"{mask_path}: mask holds class ids {bad[:10]} but --data.num_classes is {num_classes} (ids must be {allowed})"
+
+
+# ------------------------------------------------------------------------------------------ folder scan
+
+
+@dataclass
+class FolderScan:
+    """What rank 0 found under ``data.root``; shared with every rank as is."""
+
+    train: list[tuple[Path, Path]] = field(default_factory=list)
+    val: list[tuple[Path, Path]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    layout: str = ""
+    """'train/ and val/ folders', 'val_list FILE' or 'val_fraction F': how the split was made (for the log)."""
+
+    def raise_problems(self, root: str) -> None:
+        """One UserError naming every bad file (the first ``_LISTED_PROBLEMS``, then a count)."""
+        if not self.problems:
+            return
+        listed = self.problems[:_LISTED_PROBLEMS]
+        more = len(self.problems) - len(listed)
+        raise UserError(f"--data.root {root}: {len(self.problems)} problem(s) with the data:\n  " + "\n  ".join(listed)
+                        + (f"\n  ... and {more} more" if more else ""))
+
+
+def scan_folder(data: DataConfig, seed: int, bar: Callable[[list, int, str], Iterable] | None = None) -> FolderScan:
+    """Find the image/mask pairs under ``data.root``, split them, and check every one of them.
+
+    Layouts: ``root/train/{images,masks}`` + ``root/val/{images,masks}`` (an explicit split), or
+    ``root/{images,masks}`` split by ``data.val_list`` (a file naming the validation images) or else by a
+    seeded ``data.val_fraction``. Problems are collected, not raised, so that one run names them all.
+    ``bar(iterable, total, description)`` wraps the check of every pair in a progress bar.
     """
-    for folder in (root, root / "images", root / "masks"):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--data.root: no such folder: {folder} "
-                                    f"(expected {root}/images and {root}/masks)")
-    images = sorted(p for p in (root / "images").iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    root = Path(data.root)
+    scan = FolderScan()
+    try:
+        if (root / "train").is_dir() or (root / "val").is_dir():
+            _explicit_split(root, data, scan)
+        else:
+            pairs = find_pairs(root, scan.problems)
+            if data.val_list:
+                scan.train, scan.val = _listed_split(pairs, Path(data.val_list), scan.problems)
+                scan.layout = f"--data.val_list {data.val_list}"
+            elif len(pairs) == 1:
+                scan.problems.append(f"{root}: found 1 image/mask pair, need at least 2 (train and val)")
+            elif pairs:
+                scan.train, scan.val = split_pairs(pairs, data.val_fraction, seed)
+                scan.layout = f"--data.val_fraction {data.val_fraction}"
+        pairs = scan.train + scan.val  # checked even when some files are missing: one run names every problem
+        for image_path, mask_path in (bar or _no_bar)(pairs, len(pairs), "checking data"):
+            problem = check_pair(image_path, mask_path, data.num_classes, data.ignore_index)
+            if problem:
+                scan.problems.append(problem)
+    except OSError as e:  # e.g. a folder we may not read: reported like any bad file, on every rank
+        scan.problems.append(f"{getattr(e, 'filename', None) or root}: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        scan.problems.append(f"--data.val_list {data.val_list}: not a text file ({e})")
+    return scan
+
+
+def _no_bar(pairs: list, total: int, desc: str) -> Iterable:
+    return pairs
+
+
+def _explicit_split(root: Path, data: DataConfig, scan: FolderScan) -> None:
+    if (root / "images").is_dir():
+        scan.problems.append(f"{root}: holds both images/ and train/ or val/; keep one layout (images/ + masks/ "
+                             "split by --data.val_list or --data.val_fraction, or train/ + val/)")
+        return
+    if data.val_list:
+        scan.problems.append(f"--data.val_list {data.val_list}: {root} already splits into train/ and val/")
+        return
+    for split in ("train", "val"):
+        pairs = find_pairs(root / split, scan.problems)
+        setattr(scan, split, pairs)
+    scan.layout = f"{root}/train and {root}/val"
+
+
+def find_pairs(root: Path, problems: list[str]) -> list[tuple[Path, Path]]:
+    """Match ``root/images/*.{png,jpg,...}`` with ``root/masks/<stem>.png``, sorted by file name.
+
+    Every problem (a missing folder, no images, images without a mask, two images with one stem) is
+    appended to ``problems``; masks without an image are ignored.
+    """
+    missing = [f for f in (root / "images", root / "masks") if not f.is_dir()]
+    if missing:
+        problems += [f"{f}: no such folder (expected {root}/images and {root}/masks)" for f in missing]
+        return []
+    images = sorted(p for p in (root / "images").iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise ValueError(f"--data.root: no images (*.png, *.jpg, *.jpeg) in {root / 'images'}")
+        problems.append(f"{root / 'images'}: no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)})")
     masks = {p.stem: p for p in (root / "masks").iterdir() if p.is_file() and p.suffix.lower() == ".png"}
     pairs: list[tuple[Path, Path]] = []
     seen: dict[str, Path] = {}
     for image in images:
         if image.stem in seen:
-            raise ValueError(f"{image} and {seen[image.stem]} share the stem {image.stem!r}; "
-                             "a mask can only belong to one image")
+            problems.append(f"{image}: shares the stem {image.stem!r} with {seen[image.stem]}; a mask can only "
+                            "belong to one image")
+            continue
         seen[image.stem] = image
         if image.stem not in masks:
-            raise FileNotFoundError(f"{image}: no mask {root / 'masks' / (image.stem + '.png')}")
+            problems.append(f"{image}: no mask {root / 'masks' / (image.stem + '.png')}")
+            continue
         pairs.append((image, masks[image.stem]))
     return pairs
+
+
+def check_pair(image_path: Path, mask_path: Path, num_classes: int, ignore_index: int | None) -> str | None:
+    """Why this pair cannot be trained on, or None. Reads the image's header and the whole mask."""
+    try:
+        with Image.open(image_path) as image:
+            image_size = image.size
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{image_path}: not a readable image ({e})"
+    try:
+        with Image.open(mask_path) as mask:
+            if mask.mode not in _SINGLE_CHANNEL_MODES:
+                return (f"{mask_path}: mask has mode {mask.mode}; masks must be single-channel PNGs (grey or "
+                        "palette) whose pixel values are class ids")
+            if mask.size != image_size:
+                return (f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                        f"{image_size[0]}x{image_size[1]}")
+            # getextrema runs in C on the decoded mask; the slow path below only runs on a suspicious mask.
+            lowest, highest = mask.getextrema()
+            if mask.mode == "1":
+                highest = min(highest, 1)  # bilevel masks report 255 for set pixels but load as class 1
+            if lowest < 0 or highest >= num_classes:
+                bad = bad_class_ids(np.asarray(mask, dtype=np.int64), num_classes, ignore_index)
+                if bad:
+                    return bad_ids_message(mask_path, bad, num_classes, ignore_index)
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{mask_path}: not a readable mask ({e})"
+    return None
 
 
 def split_pairs(pairs: list[tuple[Path, Path]], val_fraction: float,
                 seed: int) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
     """Seeded train/val split keeping at least one sample on each side; each side stays in file order."""
     if len(pairs) < 2:
-        raise ValueError(f"--data.root: found {len(pairs)} image/mask pair, need at least 2 (train and val)")
+        raise UserError(f"--data.root: found {len(pairs)} image/mask pair, need at least 2 (train and val)")
     num_val = min(max(1, round(len(pairs) * val_fraction)), len(pairs) - 1)
     order = _rng(seed, _SPLIT).permutation(len(pairs))
     val = set(order[:num_val].tolist())
     return ([p for i, p in enumerate(pairs) if i not in val], [p for i, p in enumerate(pairs) if i in val])
 
 
-def build_datasets(cfg: Config) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """Return the (train, val) datasets described by ``cfg.data``; only train augments."""
+def _listed_split(pairs: list[tuple[Path, Path]], val_list: Path,
+                  problems: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """Validation = the images named in ``val_list`` (file names or stems, one per line, '#' comments)."""
+    if not val_list.is_file():
+        problems.append(f"--data.val_list: no such file: {val_list}")
+        return [], []
+    names = [line.split("#", 1)[0].strip() for line in val_list.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n]
+    by_name = {key: pair for pair in pairs for key in (pair[0].name, pair[0].stem)}
+    problems += [f"{val_list}: names {n!r}, which is not an image with a mask in --data.root" for n in names
+                 if n not in by_name]
+    val_images = {by_name[n][0] for n in names if n in by_name}
+    train = [p for p in pairs if p[0] not in val_images]
+    val = [p for p in pairs if p[0] in val_images]
+    if not val or not train:
+        problems.append(f"{val_list}: leaves {len(train)} training and {len(val)} validation images; both need one")
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------- construction
+
+
+def class_names(data: DataConfig) -> list[str]:
+    """``data.class_names``, or background, class1, class2, ... when not given."""
+    return list(data.class_names) or ["background", *(f"class{i}" for i in range(1, data.num_classes))]
+
+
+def pipelines(cfg: Config, normalization: Normalization) -> tuple[SamplePipeline, SamplePipeline]:
+    """(train, eval) sample pipelines: only train augments; eval is the resize + normalisation predict uses too."""
+    steps, problems = augment.parse(cfg.data.augment)
+    if problems:  # load_config validated it already; a Config built in code may not have been
+        raise UserError("\n".join(problems))
+    fill = cfg.data.ignore_index if cfg.data.ignore_index is not None else 0
+    size = cfg.data.image_size
+    return (SamplePipeline(steps, size, normalization, fill, cfg.run.seed, _AUGMENT),
+            SamplePipeline([], size, normalization, fill))
+
+
+def build_datasets(cfg: Config, ctx: DistContext | None = None,
+                   normalization: Normalization | None = None) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """Return the (train, val) datasets described by ``cfg.data``; only train augments.
+
+    Folder data is scanned on rank 0 and the result broadcast, so every rank trains on the same file list
+    and, when something is wrong, every rank raises the same UserError at the same moment.
+    """
     data, seed = cfg.data, cfg.run.seed
+    ctx = ctx or DistContext(0, 1, 0, torch.device("cpu"), None)
+    train_pipe, eval_pipe = pipelines(cfg, normalization or Normalization())
     if data.source == "generated":
-        return (GeneratedDataset(seed, "train", data.train_samples, data.image_size, data.num_classes, data.augment),
-                GeneratedDataset(seed, "val", data.val_samples, data.image_size, data.num_classes, False))
+        return (GeneratedDataset(seed, "train", data.train_samples, data.image_size, data.num_classes, train_pipe),
+                GeneratedDataset(seed, "val", data.val_samples, data.image_size, data.num_classes, eval_pipe))
     if data.source == "folder":
-        train, val = split_pairs(find_pairs(Path(data.root)), data.val_fraction, seed)
-        return (FolderDataset(train, data.image_size, data.num_classes, seed, data.augment),
-                FolderDataset(val, data.image_size, data.num_classes, seed, False))
+        def bar(pairs: list, total: int, desc: str) -> Iterable:
+            return progress(pairs, total, desc, cfg, ctx.rank)
+
+        scan = broadcast_object(ctx, scan_folder(data, seed, bar) if ctx.is_main else None)
+        scan.raise_problems(data.root)
+        if ctx.is_main:
+            log.info("data: %d training and %d validation images from %s (split: %s)", len(scan.train),
+                     len(scan.val), data.root, scan.layout)
+        return (FolderDataset(scan.train, data.num_classes, train_pipe, data.ignore_index),
+                FolderDataset(scan.val, data.num_classes, eval_pipe, data.ignore_index))
     raise ValueError(f"--data.source: must be one of generated, folder, got {data.source!r}")
 
 
@@ -420,6 +561,7 @@ class Loaders:
     val_loader: DataLoader
     train_set: SegmentationDataset
     num_workers: int
+    val_set: SegmentationDataset | None = None
 
     def train_loader(self, epoch: int, sample_offset: int) -> DataLoader:
         """Position the sampler at ``sample_offset`` global samples into ``epoch`` and return a new loader."""
@@ -438,9 +580,11 @@ def _ignore_preemption_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def build_loaders(cfg: Config, rank: int, world_size: int, micro_batch: int, accum_steps: int) -> Loaders:
+def build_loaders(cfg: Config, ctx: DistContext, micro_batch: int, accum_steps: int,
+                  normalization: Normalization | None = None) -> Loaders:
     """Build this rank's datasets, train sampler and val loader (each rank holds its own copies)."""
-    train_set, val_set = build_datasets(cfg)
+    rank, world_size = ctx.rank, ctx.world_size
+    train_set, val_set = build_datasets(cfg, ctx, normalization)
     sampler = ResumableSampler(len(train_set), cfg.run.seed, rank, world_size, micro_batch, accum_steps)
     # A private generator: otherwise every iter(DataLoader) draws its worker base seed from the global torch
     # RNG, and the number of loaders a run creates (it differs after a restart) would shift training's RNG.
@@ -448,4 +592,4 @@ def build_loaders(cfg: Config, rank: int, world_size: int, micro_batch: int, acc
                             num_workers=cfg.data.num_workers, persistent_workers=False, pin_memory=False,
                             drop_last=False, generator=_torch_generator(cfg.run.seed, _VAL_LOADER),
                             worker_init_fn=_ignore_preemption_signals)
-    return Loaders(sampler, val_loader, train_set, cfg.data.num_workers)
+    return Loaders(sampler, val_loader, train_set, cfg.data.num_workers, val_set)

@@ -8,6 +8,7 @@ KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
        groupterm the rank sends SIGTERM to its whole process group, DataLoader workers included
                 (what SLURM delivers: it signals every process of a job)
        hang     the rank SIGSTOPs itself (a frozen peer; others hit the collective timeout)
+       stall    the rank sleeps for 10 minutes, signal handlers still running (a very slow step)
 POINT  start    after start-up, before the first step of this process (N is ignored; use 0)
        step     right after optimizer step N completed
        saving   right after the snapshot at optimizer step N was started (async copy and write in flight)
@@ -25,10 +26,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang")
+KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang", "stall")
 POINTS = ("start", "step", "saving", "commit", "saved", "restore")
 _FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?$")
 
@@ -70,6 +72,9 @@ class FaultInjector:
             raise RuntimeError(f"injected fault {f.kind}@{point}={n} on rank {self.rank}")
         if f.kind == "groupterm":
             os.killpg(os.getpgid(0), signal.SIGTERM)
+            return
+        if f.kind == "stall":
+            time.sleep(600)  # signal handlers run meanwhile; the sleep resumes after each (PEP 475)
             return
         sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "hang": signal.SIGSTOP}[f.kind]
         os.kill(os.getpid(), sig)

@@ -5,7 +5,8 @@ every attempt of the run, so after a restart the file holds the replayed steps t
 in between says where the new attempt started). Record kinds:
 
 - ``train``: epoch, step, loss, lr, sample_offset, world_size
-- ``val``: epoch, step, train_loss, val_loss, iou, dice, world_size
+- ``val``: epoch, step, train_loss, val_loss, iou, dice (micro-averaged over pixels), ``iou/NAME`` and
+  ``dice/NAME`` per class (``data.class_names``; null for a class in neither truth nor prediction), world_size
 - ``event``: event in {start, resume, preempted, snapshot, finished, world_size_change} plus its fields;
   start and resume carry ``run_attempt`` (0 for the first attempt of the run, counting every earlier start or
   resume in the file) next to torchrun's ``attempt`` (its restart count, 0 again for every re-run command)
@@ -188,8 +189,9 @@ class MetricsLogger:
 
     @staticmethod
     def _log_console(kind: str, step: int, values: dict[str, Any]) -> None:
+        # Per-class values ('iou/NAME') stay out of the console line: the trainer logs them as one line of their own.
         shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in values.items() if k != "event")
+                         for k, v in values.items() if k != "event" and "/" not in k)
         if kind == "event":
             log.info("event %s at step %d: %s", values.get("event", "?"), step, shown)
         else:
@@ -216,6 +218,28 @@ class MetricsLogger:
             self._wandb_run = None
             return
         self._next_wandb_step = step
+
+    def log_predictions(self, step: int, examples: list[Any], class_names: list[str],
+                        ignore_index: int | None) -> None:
+        """wandb on rank 0: the prediction samples as ``val/predictions``, one ``wandb.Image`` each with its
+        truth and prediction as masks (toggled and coloured in wandb's UI), in the row of the val record."""
+        if self.rank != 0:
+            return
+        with self._lock:
+            if self._wandb_run is None or step < self._next_wandb_step:
+                return  # no wandb, or a step wandb already has (replayed after a resume)
+            try:
+                import wandb
+
+                labels = dict(enumerate(class_names))
+                if ignore_index is not None:
+                    labels[ignore_index] = "ignored"
+                images = [wandb.Image(e.image, caption=f"val {e.index}", masks={
+                    "prediction": {"mask_data": e.prediction, "class_labels": labels},
+                    "ground_truth": {"mask_data": e.truth, "class_labels": labels}}) for e in examples]
+                self._wandb_run.log({"val/predictions": images}, step=step)
+            except Exception as e:  # noqa: BLE001 - pictures must never take the training job down
+                log.warning("wandb: could not log the prediction images at step %d: %s", step, e)
 
     def _abandon_wandb(self) -> None:
         run, self._wandb_run = self._wandb_run, None
@@ -356,6 +380,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             recomputation is timed at the old attempt's speed, and start-up before the resume event counts as
             downtime.
         best_val_loss, best_val_epoch: the lowest val_loss and its epoch (None without val records).
+        val_iou/NAME, val_dice/NAME: per-class IoU and Dice of the last val record (None: class absent).
         world_sizes: the distinct world sizes seen, in order of first appearance.
     """
     records = read_metrics(run_dir)
@@ -366,7 +391,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         if "world_size" in r and r["world_size"] not in world_sizes:
             world_sizes.append(r["world_size"])
     times = [r["time"] for r in records if _is_number(r.get("time"))]
+    last = vals[-1] if vals else {}
+    per_class = {f"val_{k}": v for k, v in last.items() if k.startswith(("iou/", "dice/"))}
     return {
+        **per_class,
         "epochs_completed": max((int(r.get("epoch", 0)) for r in vals), default=0),
         "steps_completed": max(_last_step(records), 0),
         "wall_time_s": (max(times) - min(times)) if times else 0.0,
@@ -416,15 +444,20 @@ def write_summary(run_dir: Path, summary: dict) -> dict[str, Any]:
     log.info(
         "run summary: %s epochs (%s steps) in %s; survived %d restart(s), ~%s lost to them; best val loss %s%s; "
         "final model %s; best snapshot %s",
-        full.get("epochs_completed"), full.get("steps_completed"), _duration(full.get("wall_time_s", 0.0)),
-        full.get("restarts_survived", 0), _duration(full.get("time_lost_to_restarts_s", 0.0)),
+        full.get("epochs_completed"), full.get("steps_completed"), duration(full.get("wall_time_s", 0.0)),
+        full.get("restarts_survived", 0), duration(full.get("time_lost_to_restarts_s", 0.0)),
         f"{best:.4f}" if _is_number(best) else "n/a",
         f" (epoch {full['best_val_epoch']})" if full.get("best_val_epoch") is not None else "",
         full.get("final_model", "n/a"), full.get("best_snapshot", "n/a") or "n/a")
+    per_class = [(k[len("val_iou/"):], v) for k, v in full.items() if k.startswith("val_iou/")]
+    if per_class:
+        log.info("last validation IoU per class: %s",
+                 ", ".join(f"{name} {v:.3f}" if _is_number(v) else f"{name} -" for name, v in per_class))
     return full
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``1h05m00s`` or ``4m30s``."""
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

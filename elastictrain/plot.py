@@ -1,10 +1,12 @@
-"""``elastictrain plot RUN_DIR``: loss and IoU curves of a run, with its restarts marked, as a PNG."""
+"""``elastictrain plot RUN_DIR``: loss and IoU curves of a run (overall and per class), with its restarts
+marked, as a PNG."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from elastictrain.metrics import read_metrics, setup_logging
 
@@ -37,8 +39,54 @@ def _restarts(records: list[dict]) -> list[tuple[int, str, bool]]:
     return marks
 
 
+def class_keys(records: list[dict], prefix: str = "iou/") -> list[str]:
+    """The per-class keys (``iou/NAME``) of the val records, in the order they first appear."""
+    keys: dict[str, None] = {}
+    for r in records:
+        if r.get("kind") == "val":
+            keys.update((k, None) for k in r if k.startswith(prefix))
+    return list(keys)
+
+
+def figure(records: list[dict], title: str) -> Any:
+    """The matplotlib Figure: loss, overall val IoU, and (when the records have them) val IoU per class."""
+    # The Figure/Agg canvas API leaves pyplot's global backend alone (safe inside a training process).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    per_class = class_keys(records)
+    fig = Figure(figsize=(10, 10 if per_class else 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3 if per_class else 2, 1, sharex=True)
+    loss_ax, iou_ax = axes[0], axes[1]
+    loss_ax.plot(*_surviving(records, "train", "loss"), label="train loss", lw=1, alpha=0.8)
+    loss_ax.plot(*_surviving(records, "val", "val_loss"), "o-", label="val loss")
+    loss_ax.set_ylabel("loss")
+    iou_ax.plot(*_surviving(records, "val", "iou"), "o-", color="tab:green", label="val IoU")
+    iou_ax.set_ylabel("IoU")
+    for key in per_class:
+        axes[2].plot(*_surviving(records, "val", key), ".-", label=key[len("iou/"):])
+    if per_class:
+        axes[2].set_ylabel("val IoU per class")
+    axes[-1].set_xlabel("optimizer step")
+    for step, label, changed in _restarts(records):
+        color = "tab:red" if changed else "tab:gray"
+        for ax in axes:
+            ax.axvline(step, ls="--", color=color, lw=1)
+        loss_ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-2, -4),
+                         textcoords="offset points", rotation=90, va="top", ha="right", fontsize=8, color=color,
+                         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7})
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(loc="best", fontsize=8 if ax is not loss_ax else None)
+    fig.suptitle(title)
+    return fig
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Plot train/val loss and val IoU against the optimizer step, restarts as dashed lines.
+    """Plot train/val loss and val IoU (overall and per class) against the optimizer step, restarts as
+    dashed lines.
 
     Args:
         run_dir: a run directory holding metrics.jsonl.
@@ -50,34 +98,10 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     Raises:
         FileNotFoundError: naming the metrics file when the run has none.
     """
-    # The Figure/Agg canvas API leaves pyplot's global backend alone (safe inside a training process).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     out = Path(out) if out is not None else run_dir / "metrics.png"
-    fig = Figure(figsize=(10, 7), layout="constrained")
-    FigureCanvasAgg(fig)
-    loss_ax, iou_ax = fig.subplots(2, 1, sharex=True)
-    loss_ax.plot(*_surviving(records, "train", "loss"), label="train loss", lw=1, alpha=0.8)
-    loss_ax.plot(*_surviving(records, "val", "val_loss"), "o-", label="val loss")
-    loss_ax.set_ylabel("loss")
-    iou_ax.plot(*_surviving(records, "val", "iou"), "o-", color="tab:green", label="val IoU")
-    iou_ax.set_ylabel("IoU")
-    iou_ax.set_xlabel("optimizer step")
-    for step, label, changed in _restarts(records):
-        color = "tab:red" if changed else "tab:gray"
-        for ax in (loss_ax, iou_ax):
-            ax.axvline(step, ls="--", color=color, lw=1)
-        loss_ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-2, -4),
-                         textcoords="offset points", rotation=90, va="top", ha="right", fontsize=8, color=color,
-                         bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.7})
-    for ax in (loss_ax, iou_ax):
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(loc="best")
-    fig.suptitle(f"{run_dir.name}: dashed = resumed (red: world size changed)")
+    fig = figure(records, f"{run_dir.name}: dashed = resumed (red: world size changed)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out

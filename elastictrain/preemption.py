@@ -9,6 +9,13 @@ SIGTERM to every worker, SIGKILL after a fixed 30 s grace at a restart. A worker
 snapshot (its collectives fail); it is on its way out with an exception, and :meth:`end_if_unanswered`
 lets the signal take its default effect then, instead of the process spending seconds more in
 clean-up and interpreter shutdown while the whole group waits to be restarted.
+
+Ctrl-C twice: the first SIGINT is a preemption request like any other (snapshot at the end of this step,
+exit 75), and rank 0 says so at once on stderr. A SIGINT after that means "stop now": the process exits
+with :data:`INTERRUPTED_EXIT_CODE` (130, the shell's 128 + SIGINT) without waiting for the snapshot; the
+snapshot in progress is never committed, so the next start resumes from the previous complete one.
+The notice is written with ``os.write`` on stderr's file descriptor: logging takes locks and Python's
+buffered streams refuse re-entry, and a handler may run in the middle of either.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from elastictrain.dist import DistContext, any_rank
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED_EXIT_CODE = 130
+"""Exit status after a second Ctrl-C: stopped at once, no snapshot of the current step."""
+
 
 class Preemption:
     """Install with :meth:`install`; ask :meth:`should_stop` at each step boundary (a collective)."""
@@ -35,6 +45,9 @@ class Preemption:
         self.requested_at = 0.0
         self._answered = False
         self._previous: dict[int, object] = {}
+        # Decided before any handler runs: a handler must not look anything up. Only global rank 0 speaks, so
+        # a Ctrl-C under torchrun prints one notice, not one per rank.
+        self._notice = os.environ.get("RANK", "0") == "0"
 
     def install(self) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():
@@ -52,6 +65,19 @@ class Preemption:
         if self.requested is None:
             self.requested = signal.Signals(signum).name
             self.requested_at = time.monotonic()
+            if self._notice:
+                self._write_notice(signum)
+        elif signum == signal.SIGINT:
+            os._exit(INTERRUPTED_EXIT_CODE)  # "stop now": no clean-up, no snapshot (one in flight never commits)
+
+    def _write_notice(self, signum: int) -> None:
+        again = " Press Ctrl-C again to stop at once without it" if signum == signal.SIGINT else ""
+        text = (f"\nelastictrain: {signal.Signals(signum).name}: taking a snapshot at the end of this step, then "
+                f"exiting {self.cfg.exit_code}.{again and again + f' (exit {INTERRUPTED_EXIT_CODE}).'}\n")
+        try:
+            os.write(2, text.encode())
+        except OSError:  # stderr closed: the notice is a courtesy
+            pass
 
     def answered(self) -> None:
         """The run reached a clean end (finished, or stopped with a snapshot): a signal needs nothing more."""
@@ -76,8 +102,12 @@ class Preemption:
 
     def start_deadline(self) -> threading.Timer:
         """Exit hard if the preemption snapshot overruns its budget: a snapshot that is cut off is never
-        marked complete, whereas being SIGKILLed by torchrun or SLURM later leaves no clear exit status."""
-        started = self.requested_at or time.monotonic()
+        marked complete, whereas being SIGKILLed by torchrun or SLURM later leaves no clear exit status.
+
+        A scheduler's grace period runs from its signal; a person's Ctrl-C has no kill timer behind it (and a
+        second Ctrl-C to stop now), so for SIGINT the budget runs from the step boundary: a CPU step longer
+        than the budget would otherwise always end a Ctrl-C without the promised snapshot."""
+        started = time.monotonic() if self.requested == "SIGINT" else (self.requested_at or time.monotonic())
         remaining = max(1.0, self.cfg.deadline_s - (time.monotonic() - started))
 
         def expire() -> None:

@@ -15,16 +15,18 @@ import torch
 from torch import nn
 
 from elastictrain import device as devices
+from elastictrain import viz
 from elastictrain.checkpoint import CheckpointManager, ResumeInfo, build_app_state
-from elastictrain.config import Config, to_dict
-from elastictrain.data import build_loaders
+from elastictrain.config import Config, save_config, to_dict
+from elastictrain.data import build_loaders, class_names
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
 from elastictrain.errors import UserError
 from elastictrain.export import export_model
+from elastictrain.estimate import RunEstimate
 from elastictrain.faults import FaultInjector
 from elastictrain.interval import failure_history
 from elastictrain.metrics import MetricsLogger, progress, read_metrics, write_summary
-from elastictrain.model import SegmentationLoss, build_model, confusion_stats, scores
+from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
 from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everything
@@ -32,6 +34,8 @@ from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everyt
 log = logging.getLogger(__name__)
 
 FINISHED = 0
+PREDICTION_SAMPLES = 4
+"""Validation samples drawn in RUN_DIR/predictions/epochNNNNN.png (the first ones of the validation set)."""
 
 
 def process_age() -> float:
@@ -90,7 +94,9 @@ class Trainer:
         seed_everything(cfg.run.seed, ctx.rank)
         self.micro_batch, self.accum = batch_geometry(cfg.train.batch_size, cfg.train.micro_batch_size,
                                                       ctx.world_size)
-        self.loaders = build_loaders(cfg, ctx.rank, ctx.world_size, self.micro_batch, self.accum)
+        self.normalization = encoder_normalization(cfg.model)
+        self.class_names = class_names(cfg.data)
+        self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
         self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch  # >= 1: the sampler checks
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
@@ -98,7 +104,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg.optim.schedule, cfg.optim.warmup_steps, total))
         self.scaler = torch.amp.GradScaler("cuda") if devices.needs_grad_scaler(ctx.device, self.amp_dtype) else None
-        self.loss_fn = SegmentationLoss()
+        self.loss_fn = SegmentationLoss(cfg.data.ignore_index)
         self.faults = FaultInjector(cfg.debug.fault, self.run_dir, ctx.rank)
         self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, to_dict(cfg),
                                               prepare=self._prepare_snapshot, faults=self.faults,
@@ -109,6 +115,14 @@ class Trainer:
         self.preemption = preemption or Preemption(cfg.preemption)
         self.stepped = False
         """Whether this process has completed a training step."""
+        self.estimate = RunEstimate(cfg, ctx.device.type, self.steps_per_epoch,
+                                    -(-len(self.loaders.val_loader) // self.accum),
+                                    ctx.is_main)
+        self.examples: list[viz.Example] = []
+        """This validation's prediction samples, gathered on rank 0 (empty elsewhere)."""
+        if ctx.is_main:  # what `elastictrain predict` reads to rebuild the model without asking the user
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
 
     # ---------- start-up ----------
     def resume(self) -> dict[str, Any] | None:
@@ -186,6 +200,7 @@ class Trainer:
             if not self.stepped:  # how long start-up (and a restore) took, to the first step done
                 self.stepped = True
                 self.metrics.log("event", self.state.step, event="first_step", since_start=process_age())
+            self.estimate.step_done(self.state.step)
             self.faults.maybe_fire("step", self.state.step)
             if self.state.step % self.cfg.train.log_every == 0:
                 self.log_train(epoch, losses[-self.cfg.train.log_every:])
@@ -228,10 +243,13 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation loss, IoU and Dice over the whole validation set, summed across ranks."""
+        """Validation loss, IoU and Dice (overall and per class) over the whole validation set, summed across
+        ranks; the fixed prediction samples are gathered on rank 0 on the way."""
+        started = time.monotonic()
         self.model.eval()
         stats = torch.zeros(4, self.cfg.data.num_classes, dtype=torch.long)
         loss_sum = torch.zeros(2, dtype=torch.float64)
+        examples = viz.ExampleCollector(self.ctx.rank, self.ctx.world_size, PREDICTION_SAMPLES, self.normalization)
         for image, mask in self._val_batches():
             image = image.to(self.ctx.device)
             with devices.autocast(self.ctx.device, self.amp_dtype):
@@ -240,9 +258,13 @@ class Trainer:
                 continue  # a blank forward that only keeps FSDP2 ranks in step
             mask = mask.to(self.ctx.device)
             loss_sum += torch.tensor([self.loss_fn(logits, mask).item() * len(image), len(image)], dtype=torch.float64)
-            stats += confusion_stats(logits, mask, self.cfg.data.num_classes).cpu()
+            stats += confusion_stats(logits, mask, self.cfg.data.num_classes, self.cfg.data.ignore_index).cpu()
+            examples.add(image, logits, mask)
         stats, loss_sum = all_reduce_sum(self.ctx, stats), all_reduce_sum(self.ctx, loss_sum)
-        return {"val_loss": float(loss_sum[0] / loss_sum[1]), **scores(stats)}
+        gathered = all_gather_object(self.ctx, examples.examples)
+        self.examples = [e for part in gathered for e in part] if self.ctx.is_main else []
+        self.estimate.validated(self.state.step, time.monotonic() - started)
+        return {"val_loss": float(loss_sum[0] / loss_sum[1]), **scores(stats, self.class_names)}
 
     def _val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """This rank's validation batches, then under FSDP2 blank ones (mask None) up to the largest shard's
@@ -264,7 +286,23 @@ class Trainer:
         self.metrics.log("val", **record, world_size=self.ctx.world_size)
         log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, IoU %.4f", self.state.epoch,
                  self.cfg.train.epochs, self.state.step, self.epoch_train_loss, val["val_loss"], val["iou"])
+        log.info("per class IoU / Dice: %s", ", ".join(
+            f"{name} {_fmt(val[f'iou/{name}'])} / {_fmt(val[f'dice/{name}'])}" for name in self.class_names))
+        self._show_predictions(val)
         self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
+
+    def _show_predictions(self, val: dict[str, Any]) -> None:
+        """Rank 0: the fixed validation samples with truth and prediction, as a PNG and in wandb."""
+        if not self.examples:
+            return
+        title = (f"{self.run_dir.name}: epoch {self.state.epoch}, step {self.state.step}, "
+                 f"val IoU {val['iou']:.3f}, val loss {val['val_loss']:.3f}")
+        path = self.run_dir / "predictions" / f"epoch{self.state.epoch:05d}.png"
+        try:
+            viz.write_prediction_grid(self.examples, path, self.class_names, self.cfg.data.ignore_index, title)
+        except OSError as e:  # a picture must never take the training job down (e.g. a full disk)
+            log.warning("could not write %s: %s", path, e)
+        self.metrics.log_predictions(self.state.step, self.examples, self.class_names, self.cfg.data.ignore_index)
 
     def log_train(self, epoch: int, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
@@ -318,3 +356,7 @@ class Trainer:
         # cyclic GC, 3.7-4.2 s on the loaded 2-core CI machine (0.4-0.8 s frozen), while torchrun waits to
         # restart the group; the OS frees it all anyway.
         gc.freeze()
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -100,3 +100,17 @@ def test_cli_reports_config_errors_with_exit_2() -> None:
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert "--train.epochs: must be > 0" in out.stderr and "--train.nope: unknown setting" in out.stderr
+
+
+def test_data_settings_for_own_data_are_validated_together() -> None:
+    cfg = load_config(["--data.class_names", "bg,road,car", "--data.num_classes", "3", "--data.ignore_index", "255"])
+    assert cfg.data.class_names == ["bg", "road", "car"] and cfg.data.ignore_index == 255
+    with pytest.raises(ValueError) as err:
+        load_config(["--data.class_names", "bg,road", "--data.num_classes", "3", "--data.ignore_index", "2",
+                     "--data.val_list", "val.txt", "--data.augment", "spin"])
+    text = str(err.value)
+    for expected in ("--data.class_names: needs one name per class (3", "--data.ignore_index: 2 is a class id",
+                     "--data.val_list: only for --data.source folder", "--data.augment: unknown augmentation"):
+        assert expected in text, text
+    with pytest.raises(ValueError, match="unique, non-empty and free of '/'"):
+        load_config(["--data.class_names", "a,a/b", "--data.num_classes", "2"])

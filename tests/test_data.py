@@ -14,12 +14,13 @@ from torch.utils.data import DataLoader
 from elastictrain.config import Config
 from elastictrain.data import (
     FolderDataset,
-    GeneratedDataset,
     ResumableSampler,
     ValSampler,
     build_datasets,
     build_loaders,
 )
+from elastictrain.dist import DistContext
+from elastictrain.errors import UserError
 
 SEED = 7
 
@@ -158,7 +159,9 @@ def small_config(**data: object) -> Config:
 def test_generated_dataset_is_deterministic_with_valid_labels() -> None:
     train, val = build_datasets(small_config(num_classes=5))
     train2, _ = build_datasets(small_config(num_classes=5))
-    other_seed = GeneratedDataset(SEED + 1, "train", 24, 64, 5, augment=True)
+    other = small_config(num_classes=5)
+    other.run.seed = SEED + 1
+    other_seed, _ = build_datasets(other)
     assert len(train) == 24 and len(val) == 5
     labels = set()
     for i in range(len(train)):
@@ -174,22 +177,6 @@ def test_generated_dataset_is_deterministic_with_valid_labels() -> None:
     assert not torch.equal(train[(0, 0)][0], val[(0, 0)][0])  # different streams per split
     images = torch.stack([train[(0, i)][0] for i in range(len(train))])
     assert abs(float(images.mean())) < 0.5 and 0.5 < float(images.std()) < 1.5
-
-
-def test_augmentation_depends_on_epoch_only_for_train() -> None:
-    train, val = build_datasets(small_config())
-    plain = GeneratedDataset(SEED, "train", 24, 64, 4, augment=False)
-    changed = 0
-    for i in range(8):
-        base = plain[(0, i)][1].numpy()
-        variants = [np.rot90(base, k) for k in range(4)]
-        variants += [v[:, ::-1] for v in variants]
-        for epoch in range(3):
-            mask = train[(epoch, i)][1].numpy()
-            assert any(np.array_equal(mask, v) for v in variants)  # a flip/rotation of the same sample
-            changed += not np.array_equal(mask, base)
-        assert torch.equal(val[(0, i % 5)][0], val[(5, i % 5)][0])
-    assert changed > 0
 
 
 def test_sample_is_identical_in_workers_and_main_process() -> None:
@@ -211,7 +198,7 @@ def test_sample_is_identical_in_workers_and_main_process() -> None:
 
 def test_loaders_batches_positions_and_global_rng() -> None:
     cfg = small_config()
-    loaders = build_loaders(cfg, rank=1, world_size=2, micro_batch=3, accum_steps=2)
+    loaders = build_loaders(cfg, DistContext(1, 2, 1, torch.device("cpu"), None), micro_batch=3, accum_steps=2)
     assert loaders.train_sampler.global_batch == 12 and loaders.train_sampler.steps_per_epoch == 2
     rng_before = torch.get_rng_state()
     batches = list(loaders.train_loader(epoch=1, sample_offset=12))
@@ -269,14 +256,14 @@ def test_folder_missing_folder(tmp_path: Path, missing: str) -> None:
         for f in (root / missing).iterdir():
             f.unlink()
         (root / missing).rmdir()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(root / missing))):
+    with pytest.raises(UserError, match=re.escape(str(root / missing))):
         build_datasets(folder_config(root))
 
 
 def test_folder_image_without_mask(tmp_path: Path) -> None:
     write_folder(tmp_path)
     (tmp_path / "masks" / "sample3.png").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "images" / "sample3.jpg"))):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "images" / "sample3.jpg"))):
         build_datasets(folder_config(tmp_path))
 
 
@@ -324,3 +311,148 @@ def test_folder_mask_size_must_match_its_image(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((30, 41), dtype=np.uint8), mode="L").save(tmp_path / "masks" / "sample0.png")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "masks" / "sample0.png"))):
         build_datasets(folder_config(tmp_path))
+
+
+# ------------------------------------------------------------------------------------ folder at real scale
+
+
+def save_pair(root: Path, stem: str, size: tuple[int, int], labels: np.ndarray | None = None,
+              suffix: str = ".png", palette: bool = False) -> np.ndarray:
+    """An image of ``size`` (w, h) and its mask (random ids 0..2 unless given), as a user would have them."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(stem) + size[0])
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / f"{stem}{suffix}")
+    labels = rng.integers(0, 3, (size[1], size[0])).astype(np.uint8) if labels is None else labels
+    mask = Image.fromarray(labels)
+    if palette:  # a palette PNG: the pixel values are indices, the colours are only for viewers
+        mask.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30] + [255, 255, 255] * 253)
+    mask.save(root / "masks" / f"{stem}.png")
+    return labels
+
+
+def test_folder_images_of_mixed_sizes_and_aspect_ratios(tmp_path: Path) -> None:
+    for i, size in enumerate([(30, 40), (64, 20), (17, 90), (300, 200), (32, 32)]):
+        save_pair(tmp_path, f"s{i}", size, suffix=".jpg" if i % 2 else ".png")
+    train, val = build_datasets(folder_config(tmp_path))  # default augmentation: random resized crop from the original
+    for ds in (train, val):
+        for i in range(len(ds)):
+            for epoch in range(2):
+                image, mask = ds[(epoch, i)]
+                assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
+                assert set(mask.unique().tolist()) <= {0, 1, 2}
+
+
+def test_folder_palette_masks_are_class_indices(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    written = {}
+    for i in range(4):
+        written[f"p{i}"] = save_pair(tmp_path, f"p{i}", (32, 32), rng.integers(0, 3, (32, 32)).astype(np.uint8),
+                                     palette=True)
+    with Image.open(tmp_path / "masks" / "p0.png") as m:
+        assert m.mode == "P"
+    train, val = build_datasets(folder_config(tmp_path, val_fraction=0.5))
+    for i, (image_path, _) in enumerate(val.pairs):
+        # Validation does not augment and the images already have the model's size: the ids come through as is.
+        assert np.array_equal(val[(0, i)][1].numpy(), written[image_path.stem])
+
+
+def test_folder_ignore_index_is_allowed_only_when_set(tmp_path: Path) -> None:
+    for i in range(3):
+        labels = np.random.default_rng(i).integers(0, 3, (32, 32)).astype(np.uint8)
+        labels[:2] = 255  # a border the annotator left out
+        save_pair(tmp_path, f"b{i}", (32, 32), labels)
+    with pytest.raises(UserError, match=r"\[255\].*--data.num_classes is 3") as err:
+        build_datasets(folder_config(tmp_path))
+    assert str(err.value).count("masks/b") == 3  # every file, not only the first
+    train, val = build_datasets(folder_config(tmp_path, ignore_index=255))
+    assert set(val[(0, 0)][1].unique().tolist()) <= {0, 1, 2, 255} and 255 in val[(0, 0)][1]
+
+
+def test_folder_explicit_split_from_train_and_val_folders(tmp_path: Path) -> None:
+    for i in range(3):
+        save_pair(tmp_path / "train", f"t{i}", (40, 30))
+    save_pair(tmp_path / "val", "v0", (40, 30))
+    train, val = build_datasets(folder_config(tmp_path))
+    assert [p.stem for p, _ in train.pairs] == ["t0", "t1", "t2"] and [p.stem for p, _ in val.pairs] == ["v0"]
+    save_pair(tmp_path, "extra", (40, 30))  # a second layout beside the first: which one is meant?
+    with pytest.raises(UserError, match="both images/ and train/"):
+        build_datasets(folder_config(tmp_path))
+
+
+def test_folder_explicit_split_from_a_list_file(tmp_path: Path) -> None:
+    for i in range(5):
+        save_pair(tmp_path / "data", f"s{i}", (40, 30), suffix=".jpg" if i == 3 else ".png")
+    listed = tmp_path / "val.txt"
+    listed.write_text("# validation images\ns1.png\ns3\n\n")  # a file name and a stem
+    train, val = build_datasets(folder_config(tmp_path / "data", val_list=str(listed)))
+    assert [p.name for p, _ in val.pairs] == ["s1.png", "s3.jpg"]
+    assert [p.stem for p, _ in train.pairs] == ["s0", "s2", "s4"]
+    listed.write_text("s1\nnope\nalso_missing.png\n")
+    with pytest.raises(UserError) as err:
+        build_datasets(folder_config(tmp_path / "data", val_list=str(listed)))
+    assert "'nope'" in str(err.value) and "'also_missing.png'" in str(err.value)
+
+
+def test_folder_several_bad_files_are_named_together(tmp_path: Path) -> None:
+    for i in range(6):
+        save_pair(tmp_path, f"s{i}", (40, 30))
+    (tmp_path / "masks" / "s1.png").unlink()  # an image without a mask
+    Image.fromarray(np.full((30, 40), 7, dtype=np.uint8)).save(tmp_path / "masks" / "s2.png")  # ids too high
+    (tmp_path / "images" / "s3.png").write_bytes(b"not a png at all")  # not an image
+    Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(tmp_path / "masks" / "s4.png")  # an RGB mask
+    with pytest.raises(UserError) as err:
+        build_datasets(folder_config(tmp_path))
+    message = str(err.value)
+    assert "4 problem(s)" in message
+    for bad in ("images/s1.png: no mask", "masks/s2.png: mask holds class ids [7]", "images/s3.png: not a readable",
+                "masks/s4.png: mask has mode RGB"):
+        assert bad in message, message
+    assert "s0" not in message and "s5" not in message
+
+
+def _scan_on_two_ranks(rank: int, root: str, init: str, out_dir: str) -> None:
+    """One rank of a real 2-process gloo group building the folder datasets twice: on good data, then after
+    rank 0 has broken one mask (see the test below)."""
+    import json
+
+    import torch.distributed as dist
+
+    import elastictrain.data as data
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        if rank == 1:  # only rank 0 may look at the files; rank 1 gets the result
+            def forbidden(*args: object, **kwargs: object) -> None:
+                raise AssertionError("rank 1 scanned the folder")
+            data.scan_folder = forbidden  # type: ignore[assignment]
+        ctx = DistContext(rank, 2, rank, torch.device("cpu"), "gloo")
+        results = []
+        for attempt in range(2):
+            if attempt == 1 and rank == 0:
+                Image.fromarray(np.full((30, 40), 9, dtype=np.uint8)).save(Path(root, "masks", "s3.png"))
+            dist.barrier()
+            try:
+                train, val = build_datasets(folder_config(Path(root)), ctx)
+                results.append({"train": [p.name for p, _ in train.pairs], "val": [p.name for p, _ in val.pairs]})
+            except UserError as e:
+                results.append({"error": str(e)})
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_folder_scan_runs_on_rank0_and_every_rank_gets_it(tmp_path: Path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+
+    for i in range(5):
+        save_pair(tmp_path / "data", f"s{i}", (40, 30))
+    mp.spawn(_scan_on_two_ranks, args=(str(tmp_path / "data"), f"file://{tmp_path}/init", str(tmp_path)),
+             nprocs=2, join=True)
+    (good0, bad0), (good1, bad1) = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert good0 == good1 and len(good0["train"]) == 4 and len(good0["val"]) == 1
+    assert "error" in bad0 and bad0 == bad1  # the same message on both ranks, raised together
+    assert "masks/s3.png" in bad0["error"]

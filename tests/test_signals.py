@@ -23,3 +23,37 @@ def test_sigterm_to_whole_process_group_with_loader_workers(reference_runs: dict
     second = run_cli(args, check=True)
     assert "resuming from epoch 1 step 5" in second.stdout
     assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+def test_second_ctrl_c_stops_the_run_at_once_without_a_snapshot(reference_runs: dict[int, Path],
+                                                                 tmp_path: Path) -> None:
+    """A person's Ctrl-C on a slow step (stalled here by the test fault): the notice appears at once; a second
+    Ctrl-C ends the run with 130 while the step still runs, with no snapshot of it; the same command then
+    resumes from the last complete snapshot."""
+    import signal
+    import subprocess
+
+    from helpers import ROOT, base_env, cli_cmd, kill_group, wait_for
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, "--debug.fault", "stall@step=6", "--checkpoint.mode", "sync")
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cli_cmd(args), cwd=ROOT, env=base_env(), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    try:
+        faults = run_dir / ".faults"
+        wait_for(lambda: faults.is_dir() and any(faults.iterdir()), 120, "the stalled step")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "Press Ctrl-C again to stop at once" in out_path.read_text(), 30, "the notice")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130  # the stall lasts 600 s: only the second Ctrl-C can end it now
+    finally:
+        kill_group(proc)
+    records = read_jsonl(run_dir)
+    assert not [r for r in records if r.get("event") == "preempted"]
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir() if p.name.startswith("epoch")) == [
+        "epoch00001-step00000004"]
+    again = run_cli(args, check=True)
+    assert "resuming from epoch 1 step 4" in again.stdout
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))

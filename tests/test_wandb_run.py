@@ -160,7 +160,7 @@ def test_plot_marks_the_resumes(killed_twice: dict[str, Any]) -> None:
     with Image.open(out) as img:
         img.verify()
     with Image.open(out) as img:
-        assert img.format == "PNG" and img.size == (1000, 700)
+        assert img.format == "PNG" and img.size == (1000, 1000)  # loss, IoU, IoU per class
 
 
 def test_disabled_creates_no_wandb_files_or_process(tmp_path: Path) -> None:
