@@ -253,7 +253,7 @@ def test_time_based_snapshots_on_two_ranks_never_disagree(tmp_path: Path) -> Non
 
 def test_auto_interval_is_logged_with_its_reasons_and_counts_failures(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = tiny_args(run_dir, "--checkpoint.every_minutes", "auto", "--debug.fault", "sigkill@step=6")
+    args = tiny_args(run_dir, "--epochs", "6", "--checkpoint.every_minutes", "auto", "--debug.fault", "sigkill@step=6")
     assert run_cli(args).returncode != 0
     out = run_cli(args, check=True).stdout
     events = [r for r in read_jsonl(run_dir) if r.get("event") == "snapshot_interval"]

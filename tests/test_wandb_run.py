@@ -77,13 +77,13 @@ def run_watching(args: list[str], env: dict[str, str], out: Path, nproc: int = 0
 
 @pytest.fixture(scope="module")
 def killed_twice(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One tiny run (3 epochs, 12 steps, a snapshot every 4): SIGKILLed at step 6, re-run and SIGKILLed at
-    step 10, re-run to the end. The first attempt says ``--metrics.wandb auto`` (resolving to offline with
+    """One tiny run (3 epochs, 12 steps, a snapshot every 4): SIGKILLed right after the epoch-1 snapshot was
+    written (while epoch 2 trains), re-run and SIGKILLed right after the epoch-2 one, re-run to the end. The first attempt says ``--metrics.wandb auto`` (resolving to offline with
     no API key), the others ``offline``."""
     root = tmp_path_factory.mktemp("wandb_run")
     run_dir, tag = root / "run", uuid.uuid4().hex
     env = wandb_env(root / "wandb-home", tag)
-    attempts = [("auto", ["--debug.fault", "sigkill@step=6"]), ("offline", ["--debug.fault", "sigkill@step=10"]),
+    attempts = [("auto", ["--debug.fault", "sigkill@saved=4"]), ("offline", ["--debug.fault", "sigkill@saved=8"]),
                 ("offline", [])]
     outputs, ranks = [], []
     for n, (mode, fault) in enumerate(attempts):
