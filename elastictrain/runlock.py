@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Callable
 
 from elastictrain.config import Config
-from elastictrain.dist import DistContext, broadcast_object, raise_together
+from elastictrain.dist import DistContext, broadcast_object, on_main_together, raise_together
 from elastictrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -386,14 +386,8 @@ def acquire(cfg: Config, ctx: DistContext) -> RunLock:
     run_dir = Path(cfg.run.dir)
     raise_together(ctx, check_writable(run_dir))
     lock = RunLock(run_dir, cfg.run.lock_lease_s, ctx.rank)
-    error: BaseException | None = None
-    if ctx.is_main:
-        # The other ranks wait in the next collective meanwhile: never longer than half their timeout.
-        max_wait = cfg.run.lock_lease_s if not ctx.distributed else min(cfg.run.lock_lease_s, cfg.dist.timeout_s / 2)
-        try:
-            lock.acquire(max_wait)
-        except Exception as e:  # noqa: BLE001 - every rank raises it, or rank 0 would raise alone
-            error = e
-    raise_together(ctx, error)
+    # The other ranks wait in a collective meanwhile: never longer than half their timeout.
+    max_wait = min(cfg.run.lock_lease_s, cfg.dist.timeout_s / 2) if ctx.distributed else cfg.run.lock_lease_s
+    on_main_together(ctx, lambda: lock.acquire(max_wait))
     lock.start(broadcast_object(ctx, lock.token))
     return lock

@@ -14,7 +14,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from elastictrain import cli
-from elastictrain.dist import DistContext, raise_together
 from elastictrain.errors import UserError, user_message
 from helpers import ROOT, base_env, cli_cmd, read_jsonl, tiny_args
 
@@ -35,16 +34,6 @@ def test_user_message_unwraps_an_error_from_a_loader_worker() -> None:
     assert "Original Traceback" in str(err.value)
     assert user_message(err.value) == "data/images/x.png: cannot read this image"
     assert user_message(UserError("invalid configuration:\n  --a: b")) == "invalid configuration:\n  --a: b"
-
-
-def test_raise_together_keeps_a_user_error_one() -> None:
-    ctx = DistContext(0, 1, 0, torch.device("cpu"), None)
-    with pytest.raises(UserError, match="--x: bad"):
-        raise_together(ctx, UserError("--x: bad"))
-    with pytest.raises(ValueError) as err:
-        raise_together(ctx, OSError("disk on fire"))
-    assert type(err.value) is ValueError and "disk on fire" in str(err.value)
-    raise_together(ctx, None)
 
 
 def test_a_missing_device_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -101,12 +90,15 @@ def read_only(path: Path) -> list[str]:
     return ["unshare", "--mount", "sh", "-c", f'mount --bind -o ro "{path}" "{path}" && exec "$0" "$@"']
 
 
-def test_read_only_snapshots_are_refused_at_start_up(tmp_path: Path) -> None:
-    """Before: a whole epoch of training, then a 99-line traceback. Now: exit 2 before the first step."""
+@pytest.mark.parametrize("where", ["snapshots", "run"])
+def test_read_only_run_dir_or_snapshots_are_refused_at_start_up(tmp_path: Path, where: str) -> None:
+    """Before: a whole epoch of training, then a 99-line traceback (snapshots/), or a traceback (the run
+    directory). Now: exit 2 before the first step, naming the directory."""
     run_dir = tmp_path / "run"
     (run_dir / "snapshots").mkdir(parents=True)
-    cmd = [*read_only(run_dir / "snapshots"), *cli_cmd(tiny_args(run_dir))]
+    frozen = run_dir / "snapshots" if where == "snapshots" else run_dir
+    cmd = [*read_only(frozen), *cli_cmd(tiny_args(run_dir))]
     out = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert f"{run_dir / 'snapshots'} is not writable" in out.stderr and "Traceback" not in out.stderr
+    assert f"--run.dir {run_dir}: {frozen} is not writable" in out.stderr and "Traceback" not in out.stderr
     assert not [r for r in read_jsonl(run_dir) if r["kind"] == "train"]
