@@ -12,17 +12,21 @@ O_EXCL where hard links are not supported), so a reader never sees half a lock.
 
 A lock already there is judged by :func:`decide` (pure; tests/test_runlock.py):
 
-1. Same machine (host name, boot id and pid namespace all equal, so that pids mean the same thing):
-   the holder's process is alive (same pid, same start time, not a zombie) -> refuse, naming it; dead
-   -> take it over at once. A torchrun restart on one host, and the next command after a SIGKILL, never
-   wait.
+1. Same machine (boot id and pid namespace equal, so that pids mean the same thing, whatever the host
+   names: network-namespace "hosts" on one machine share them): the holder's process is gone -> take it
+   over at once (a torchrun restart on one host, the next command after a SIGKILL, never wait); alive
+   (same pid, same start time, not a zombie) and an earlier attempt of our own job (a partitioned
+   worker that has not yet timed out) -> wait for it to exit; alive and anybody else -> refuse, naming it.
 2. Same SLURM job with a newer restart count (a requeue, on any node) -> take over at once: SLURM ends
    every process of a job before it runs it again.
 3. Another machine whose lease ran out (now - heartbeat > the holder's own lease_s) -> take over.
 4. Another machine with a live lease: our own job's earlier attempt (same torchrun run id, or same SLURM
    job and restart count; e.g. rank 0 moved to another node at an elastic restart) -> wait for the
-   lease to end (at most half of ``dist.timeout_s``: the other ranks wait in a collective meanwhile);
-   anybody else -> refuse, naming the holder.
+   lease to end; anybody else -> refuse, naming the holder.
+
+Waiting lasts at most ``run.lock_lease_s``, and in a process group at most half of ``dist.timeout_s`` (the
+other ranks wait in a collective meanwhile); then the command is refused like any other (exit 2; torchrun
+may restart it and it waits again).
 
 Taking over is atomic too: the stale file is renamed to a unique name (one contender wins), checked to
 be the very lock that was judged stale (else it is put back), removed, and ours is linked in its place.
@@ -96,11 +100,17 @@ class Decision:
 def decide(holder: Holder, me: Holder, now: float, alive: Callable[[int, str], bool]) -> Decision:
     """What to do about the lock ``holder`` holds, for ``me`` at time ``now``; ``alive(pid, started)``
     tells whether a process on this machine still runs. The rules are the module docstring's."""
-    if holder.host == me.host and holder.machine == me.machine:
-        if alive(holder.pid, holder.started):
-            return Decision("refuse", f"it is locked by {holder.describe(now)}, which is still running")
-        return Decision("take", f"its holder, pid {holder.pid} on this host, is gone")
     mine, theirs = me.job, holder.job
+    same_run = mine.get("torchelastic_run_id") and mine.get("torchelastic_run_id") == theirs.get("torchelastic_run_id")
+    same_allocation = (mine.get("slurm_job_id") and mine.get("slurm_job_id") == theirs.get("slurm_job_id")
+                       and mine.get("slurm_restart_count") == theirs.get("slurm_restart_count"))
+    if holder.machine == me.machine:
+        if not alive(holder.pid, holder.started):
+            return Decision("take", f"its holder, pid {holder.pid} on host {holder.host} (this machine), is gone")
+        if same_run or same_allocation:
+            return Decision("wait", f"it is locked by an earlier attempt of this job, {holder.describe(now)}, "
+                                    f"which is still running", now)
+        return Decision("refuse", f"it is locked by {holder.describe(now)}, which is still running")
     if mine.get("slurm_job_id") and mine.get("slurm_job_id") == theirs.get("slurm_job_id"):
         if int(theirs.get("slurm_restart_count") or 0) < int(mine.get("slurm_restart_count") or 0):
             return Decision("take", f"its holder is the previous run of SLURM job {mine['slurm_job_id']} "
@@ -108,9 +118,6 @@ def decide(holder: Holder, me: Holder, now: float, alive: Callable[[int, str], b
     expires = holder.heartbeat + holder.lease_s
     if now > expires:
         return Decision("take", f"the lease of {holder.describe(now)} ran out ({holder.lease_s:.0f} s)")
-    same_run = mine.get("torchelastic_run_id") and mine.get("torchelastic_run_id") == theirs.get("torchelastic_run_id")
-    same_allocation = (mine.get("slurm_job_id") and mine.get("slurm_job_id") == theirs.get("slurm_job_id")
-                       and mine.get("slurm_restart_count") == theirs.get("slurm_restart_count"))
     if same_run or same_allocation:
         return Decision("wait", f"it is locked by an earlier attempt of this job, {holder.describe(now)}", expires)
     return Decision("refuse", f"it is locked by {holder.describe(now)}; if that host is down, the lock "
@@ -154,7 +161,9 @@ def process_alive(pid: int, started: str) -> bool:
 
 def myself(lease_s: float) -> Holder:
     """This process as a lock holder (heartbeat and token filled in when it takes the lock)."""
-    machine = f"{_read_text('/proc/sys/kernel/random/boot_id')}/{_pid_namespace()}"
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    # Without a boot id (not Linux) only the host name tells machines apart.
+    machine = f"{boot}/{_pid_namespace()}" if boot else f"host {socket.gethostname()}"
     job = {"slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0") if "SLURM_JOB_ID" in os.environ else "",
            "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID", "")}
@@ -206,8 +215,8 @@ class RunLock:
     def acquire(self, max_wait_s: float) -> None:
         """Take the lock, taking a stale one over; raise UserError naming the holder when it is not ours
         to take. Waits (up to ``max_wait_s``) only for an earlier attempt of our own job."""
-        give_up = time.time() + max_wait_s
-        for _ in range(100):  # each pass either wins, waits, refuses, or lost a race to another contender
+        give_up, waited = time.time() + max_wait_s, False
+        for _ in range(100 + int(max_wait_s / 0.05)):  # each pass either wins, waits, refuses, or lost a race to another contender
             if self._link_new():
                 self._held = True
                 return
@@ -225,10 +234,12 @@ class RunLock:
                     log.warning("took over the lock on %s: %s", self.path.parent, decision.why)
                     self._held = True
                     return
-            elif decision.action == "wait" and decision.until <= give_up:
-                log.warning("waiting %.0f s for the lock on %s: %s", decision.until - now, self.path.parent,
-                            decision.why)
-                time.sleep(min(self.interval, max(0.05, decision.until - now + 0.05)))
+            elif decision.action == "wait" and now < give_up:
+                if not waited:
+                    log.warning("waiting up to %.0f s for the lock on %s: %s", give_up - now, self.path.parent,
+                                decision.why)
+                waited = True
+                time.sleep(min(self.interval, 0.5, max(0.05, decision.until - now + 0.05)))
             else:
                 raise UserError(f"--run.dir {self.path.parent} is in use: {decision.why}. Two runs must never "
                                 f"share a run directory: wait for that one to end, stop it, or choose another "

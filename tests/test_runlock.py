@@ -44,28 +44,38 @@ def test_same_machine_decides_by_the_pid_alone() -> None:
     assert decide(holder(pid=7), ME, NOW, alive(set())).action == "take"
     # A lease long expired does not matter while the process runs (a frozen clock, a stopped process).
     assert decide(holder(pid=7, heartbeat=NOW - 3600), ME, NOW, alive({7})).action == "refuse"
+    # Another host name on the same machine (network-namespace hosts share boot id and pids): still the pid.
+    assert decide(holder(pid=7, host="tr2"), ME, NOW, alive(set())).action == "take"
+    # An earlier attempt of our own job still running here (a partitioned worker not yet timed out): wait.
+    job = {"slurm_job_id": "", "slurm_restart_count": "", "torchelastic_run_id": "abc"}
+    me = replace(ME, job=job)
+    assert decide(holder(pid=7, host="tr2", job=job), me, NOW, alive({7})).action == "wait"
 
 
 def test_another_machine_decides_by_the_lease() -> None:
-    for other in (holder(host="node2"), holder(machine="boot-b/pid:[1]"), holder(machine="boot-a/pid:[9]")):
-        fresh = decide(other, ME, NOW, alive(set()))  # pids of another machine are never looked at
+    for other in (holder(host="node2", machine="boot-b/pid:[1]"), holder(machine="boot-b/pid:[1]"),
+                  holder(machine="boot-a/pid:[9]")):
+        fresh = decide(other, ME, NOW, alive({other.pid}))  # pids of another machine are never looked at
         assert fresh.action == "refuse" and "expires 30 s after its last renewal" in fresh.why
-        assert decide(replace(other, heartbeat=NOW - 31), ME, NOW, alive(set())).action == "take"
+        assert decide(replace(other, heartbeat=NOW - 31), ME, NOW, alive({other.pid})).action == "take"
     # The holder's own lease counts, not ours.
-    assert decide(holder(host="node2", heartbeat=NOW - 31, lease_s=60), ME, NOW, alive(set())).action == "refuse"
+    other = holder(host="node2", machine="boot-b/pid:[1]", heartbeat=NOW - 31, lease_s=60)
+    assert decide(other, ME, NOW, alive(set())).action == "refuse"
 
 
 def test_slurm_requeue_takes_over_at_once_and_the_same_job_waits() -> None:
     me = replace(ME, job={"slurm_job_id": "42", "slurm_restart_count": "2", "torchelastic_run_id": "42"})
-    earlier = holder(host="node2", job={"slurm_job_id": "42", "slurm_restart_count": "1", "torchelastic_run_id": "42"})
+    earlier = holder(host="node2", machine="boot-b/pid:[1]",
+                     job={"slurm_job_id": "42", "slurm_restart_count": "1", "torchelastic_run_id": "42"})
     assert decide(earlier, me, NOW, alive(set())).action == "take"
     # The same allocation on another node (rank 0 moved at an elastic restart): wait out its lease.
     same = decide(replace(earlier, job=me.job), me, NOW, alive(set()))
     assert same.action == "wait" and same.until == NOW - 1 + 30
-    other_job = holder(host="node2", job={"slurm_job_id": "41", "slurm_restart_count": "5", "torchelastic_run_id": ""})
+    other_job = holder(host="node2", machine="boot-b/pid:[1]",
+                       job={"slurm_job_id": "41", "slurm_restart_count": "5", "torchelastic_run_id": ""})
     assert decide(other_job, me, NOW, alive(set())).action == "refuse"
-    # A newer restart count of ours that is still running on this machine: the pid is hard evidence.
-    assert decide(replace(earlier, host="node1", pid=7), me, NOW, alive({7})).action == "refuse"
+    # A predecessor of ours still running on this machine: the pid is hard evidence; it is on its way out.
+    assert decide(replace(earlier, machine=ME.machine, pid=7), me, NOW, alive({7})).action == "wait"
 
 
 def test_process_alive_tells_a_reused_pid() -> None:
@@ -122,6 +132,29 @@ def test_another_host_fresh_refuses_and_expired_is_taken_over(tmp_path: Path) ->
     lock = RunLock(tmp_path, 30.0)
     lock.acquire(0)
     assert read_lock(tmp_path / ".lock").host == socket.gethostname()  # type: ignore[union-attr]
+
+
+def test_an_earlier_attempt_of_our_job_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder is our own job's earlier attempt, still running (a partitioned worker waiting out its
+    collective timeout): the new rank 0 waits, and takes the lock over once that process is gone."""
+    code = ("import os, sys, time\nfrom pathlib import Path\nfrom elastictrain.runlock import RunLock\n"
+            "lock = RunLock(Path(sys.argv[1]), 30.0)\nlock.acquire(0)\nprint('held', flush=True)\n"
+            "time.sleep(1.5)\nos._exit(1)\n")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "job-x"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"  # type: ignore[union-attr]
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-x")
+        lock = RunLock(tmp_path, 30.0)
+        lock.acquire(20)
+        assert proc.poll() is not None and read_lock(tmp_path / ".lock").token == lock.token  # type: ignore[union-attr]
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-job")
+        with pytest.raises(UserError, match="is in use"):  # anybody else is refused at once
+            RunLock(tmp_path, 30.0).acquire(20)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_lock_that_is_not_a_lock_refuses_naming_the_file(tmp_path: Path) -> None:
