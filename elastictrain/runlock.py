@@ -216,7 +216,8 @@ class RunLock:
         """Take the lock, taking a stale one over; raise UserError naming the holder when it is not ours
         to take. Waits (up to ``max_wait_s``) only for an earlier attempt of our own job."""
         give_up, waited = time.time() + max_wait_s, False
-        for _ in range(100 + int(max_wait_s / 0.05)):  # each pass either wins, waits, refuses, or lost a race to another contender
+        # Each pass wins, waits, refuses, or lost a race to another contender (then looks again).
+        for _ in range(100 + int(max_wait_s / 0.05)):
             if self._link_new():
                 self._held = True
                 return

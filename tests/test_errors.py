@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -72,7 +71,8 @@ def test_user_errors_after_parsing_are_one_line_and_exit_2(tmp_path: Path, capsy
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("precious")
     assert cli.main(tiny_args(tmp_path / "file")) == 2
-    assert f"--run.dir {tmp_path / 'file'}: {tmp_path / 'file'} exists and is not a directory" in capsys.readouterr().err
+    path = tmp_path / "file"
+    assert f"--run.dir {path}: {path} exists and is not a directory" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "precious"
 
 

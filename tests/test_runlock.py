@@ -28,7 +28,8 @@ ME = Holder("node1", "boot-a/pid:[1]", 100, "500", {"slurm_job_id": "", "slurm_r
 
 
 def holder(**changes: object) -> Holder:
-    return replace(ME, **{"token": "theirs", "heartbeat": NOW - 1, "since": NOW - 100, **changes})  # type: ignore[arg-type]
+    fields = {"token": "theirs", "heartbeat": NOW - 1, "since": NOW - 100, **changes}
+    return replace(ME, **fields)  # type: ignore[arg-type]
 
 
 def alive(pids: set[int]) -> object:
