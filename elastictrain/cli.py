@@ -11,6 +11,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from elastictrain.config import ALIASES, Config, field_docs, load_config
+from elastictrain.errors import EXIT_USER_ERROR, UserError, user_message
 
 log = logging.getLogger("elastictrain")
 
@@ -27,8 +28,9 @@ Fault-tolerant segmentation training. Run it plainly (one device, no process gro
   torchrun --nproc-per-node 2 -m elastictrain --config configs/tiny.yaml --run.dir runs/tiny2
 
 Exit status: 0 finished, 75 stopped by a preemption signal after a snapshot (run the same command
-again to continue), 130 stopped at once by a second Ctrl-C (no snapshot of that step), 2 invalid
-configuration, 1 any other failure.
+again to continue), 130 stopped at once by a second Ctrl-C (no snapshot of that step), 2 a mistake
+to fix (configuration, a path or file, a run directory in use by another run, a diverged loss), 1 any
+other failure.
 """
 
 
@@ -57,7 +59,7 @@ def train(argv: list[str]) -> int:
             fetch_encoder_weights(cfg.model, int(os.environ.get("LOCAL_RANK", "0")), cfg.dist.timeout_s)
     except (ValueError, FileNotFoundError) as e:
         sys.stderr.write(f"elastictrain: {e}\n")
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C while downloading weights: no handler is installed yet, nothing to save
         from elastictrain.preemption import INTERRUPTED_EXIT_CODE
 
@@ -68,9 +70,15 @@ def train(argv: list[str]) -> int:
 
 @record
 def run_training(cfg: Config) -> int:
-    """Set up, train, and tear down whatever happens; @record leaves torchrun a readable error file."""
+    """Set up, train, and tear down whatever happens; @record leaves torchrun a readable error file.
+
+    A :class:`UserError` (a setting, path or file the user can fix) ends the run with one line on stderr
+    and exit 2, on every rank that raises it, without a traceback.
+    """
+    import signal
     from pathlib import Path
 
+    from elastictrain import lifeline, runlock
     from elastictrain.dist import init_distributed, teardown
     from elastictrain.metrics import setup_logging
     from elastictrain.preemption import Preemption
@@ -79,20 +87,29 @@ def run_training(cfg: Config) -> int:
     # arriving then must become a snapshot at the first step boundary rather than kill the process.
     preemption = Preemption(cfg.preemption)
     preemption.install()
-    ctx = trainer = None
+    if lifeline.launched_by_torchrun():  # an orphan stops through the same path (see lifeline.py)
+        stop = signal.Signals[cfg.preemption.signals[0]] if cfg.preemption.signals else signal.SIGTERM
+        lifeline.watch_launcher(stop, cfg.preemption.deadline_s)
+    setup_logging(None, int(os.environ.get("RANK", 0)))  # stderr until the run directory is ours
+    ctx = trainer = lock = None
     try:
         ctx = init_distributed(cfg)
-        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        lock = runlock.acquire(cfg, ctx)  # before anything reads or writes the run directory
         setup_logging(Path(cfg.run.dir), ctx.rank)
         from elastictrain.trainer import Trainer
 
         trainer = Trainer(cfg, ctx, preemption)
         return trainer.train()
+    except UserError as e:
+        log.error("%s", user_message(e))
+        return EXIT_USER_ERROR
     finally:
         if trainer is not None:
             trainer.close()
         else:
             preemption.uninstall()
+        if lock is not None:
+            lock.release()
         teardown(ctx)
 
 

@@ -26,6 +26,9 @@ class RunConfig:
     """Seed for data generation, the per-epoch sample order, augmentation and model init."""
     name: str = ""
     """Human-readable run name (wandb run name); empty means the run directory's name."""
+    lock_lease_s: float = 30.0
+    """Lease of the run directory's lock (RUN_DIR/.lock): another host may take the lock over this long after
+    its holder's last renewal (every lease/5 s). Hosts sharing a run directory need clocks agreeing well within it."""
 
 
 @dataclass
@@ -153,7 +156,7 @@ class PreemptionConfig:
     deadline_s: float = 25.0
     """Budget for the preemption snapshot; keep it below torchrun's (30 s) and SLURM's grace periods."""
     exit_code: int = 75
-    """Exit status after a preemption snapshot (75 = EX_TEMPFAIL: 'run the same command again')."""
+    """Exit status after a preemption snapshot (75 = EX_TEMPFAIL: 'run the same command again'); 3..125."""
 
 
 @dataclass
@@ -265,10 +268,15 @@ def _coerce(value: Any, tp: Any, flag: str, from_cli: bool) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{flag}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{flag}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # --optim.lr inf trains on NaN losses and still exits 0
+            raise ValueError(f"{flag}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
+        if value is None:  # YAML '~' or 'null': str(None) would be a directory named 'None'
+            raise ValueError(f"{flag}: expected a string, got null (YAML ~); remove the key to keep the default")
         if isinstance(value, (dict, list)):
             raise ValueError(f"{flag}: expected a string, got {value!r}")
         return str(value)
@@ -319,6 +327,7 @@ def validate(cfg: Config) -> list[str]:
         "data.image_size": cfg.data.image_size, "checkpoint.interval": cfg.checkpoint.interval,
         "train.log_every": cfg.train.log_every, "model.in_channels": cfg.model.in_channels,
         "dist.timeout_s": cfg.dist.timeout_s, "preemption.deadline_s": cfg.preemption.deadline_s,
+        "run.lock_lease_s": cfg.run.lock_lease_s,
     }
     p += [f"--{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     non_negative = {
@@ -339,6 +348,12 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--checkpoint.mtbf_hours: must be a number of hours > 0, got {cfg.checkpoint.mtbf_hours}")
     if not cfg.optim.lr > 0:
         p.append(f"--optim.lr: must be > 0, got {cfg.optim.lr}")
+    if not cfg.run.dir.strip():
+        p.append("--run.dir: must name a directory (an empty one would write into the working directory)")
+    if not 3 <= cfg.preemption.exit_code <= 125:
+        p.append(f"--preemption.exit_code: must be between 3 and 125, got {cfg.preemption.exit_code} (0 means "
+                 "finished, 1 failed, 2 invalid configuration; 126-255 are the shell's 'cannot run' and "
+                 "'killed by a signal')")
     if cfg.data.num_classes < 2:
         p.append(f"--data.num_classes: must be >= 2 (background + at least one class), got {cfg.data.num_classes}")
     if cfg.checkpoint.keep < 2:

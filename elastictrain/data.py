@@ -16,7 +16,10 @@ one error that every rank raises together.
 from __future__ import annotations
 
 import abc
+import atexit
+import contextlib
 import logging
+import multiprocessing
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from elastictrain import augment
+from elastictrain import augment, lifeline
 from elastictrain.augment import Normalization, SamplePipeline
 from elastictrain.config import Config, DataConfig
 from elastictrain.dist import DistContext, broadcast_object
@@ -97,8 +100,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.global_batch = micro_batch * accum_steps * world_size
         self.steps_per_epoch = num_samples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {num_samples} samples, fewer than one global batch of "
-                             f"{self.global_batch}: lower --train.batch_size or add data")
+            raise UserError(f"the training set has {num_samples} samples, fewer than one global batch of "
+                            f"{self.global_batch}: lower --train.batch_size or add data")
         self.epoch = 0
         self.sample_offset = 0
 
@@ -313,19 +316,30 @@ class FolderDataset(SegmentationDataset):
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
         image = load_image(image_path)
-        with Image.open(mask_path) as mask:
+        with _reading(mask_path), Image.open(mask_path) as mask:
             labels = np.asarray(mask, dtype=np.int64)
         bad = bad_class_ids(labels, self.num_classes, self.ignore_index)
-        if bad:
-            raise ValueError(bad_ids_message(mask_path, bad, self.num_classes, self.ignore_index))
+        if bad:  # changed since the start-up scan
+            raise UserError(bad_ids_message(mask_path, bad, self.num_classes, self.ignore_index))
         return image, torch.from_numpy(labels)
 
 
 def load_image(path: Path) -> torch.Tensor:
     """An image file as a uint8 ``3xHxW`` RGB tensor (grey, palette and RGBA images are converted)."""
-    with Image.open(path) as image:
+    with _reading(path), Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A file that cannot be decoded (truncated, corrupt, unreadable) becomes a UserError naming it: PIL's
+    own words ('image file is truncated') do not say which of thousands of files it was. The start-up scan
+    reads only the images' headers, so a truncated image is first found here, in a DataLoader worker."""
+    try:
+        yield
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: PIL's 'broken PNG file'
+        raise UserError(f"{path}: cannot read this image ({type(e).__name__}: {e}); replace or remove it") from None
 
 
 def bad_class_ids(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> list[int]:
@@ -574,10 +588,31 @@ class Loaders:
 
 def _ignore_preemption_signals(worker_id: int) -> None:
     """SLURM signals every process of a job, DataLoader workers included. A worker killed by that
-    SIGTERM would crash the training process in the middle of its preemption snapshot; workers exit
-    on their own when their parent does, so they simply ignore the preemption signals."""
+    SIGTERM would crash the training process in the middle of its preemption snapshot, so workers
+    ignore the preemption signals. They die with the training process instead: at once, by SIGKILL
+    (they hold nothing worth saving), whenever it ends (lifeline.die_with_parent); and
+    :func:`_kill_loader_workers` kills those still alive when it exits."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    lifeline.die_with_parent(parent.pid if parent else None)
+
+
+@atexit.register
+def _kill_loader_workers() -> None:
+    """At exit, SIGKILL the DataLoader workers still alive. When an exception ends the run, its traceback
+    keeps the loader's iterator (and its workers) alive until interpreter exit; multiprocessing's exit
+    handler, which runs after this one (atexit is last-in, first-out), would then SIGTERM them, which they
+    ignore, and wait for them forever. Registered here, after torch imported multiprocessing."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if not workers:
+        return
+    # torch's SIGCHLD handler would report each worker's death as a DataLoader failure while we exit.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 def build_loaders(cfg: Config, ctx: DistContext, micro_batch: int, accum_steps: int,

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from elastictrain.errors import UserError
+
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """Resolve ``--device`` ('auto': cuda, then mps, then cpu); one CUDA device per local rank."""
@@ -23,11 +25,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
             requested = "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here (try --device auto or cpu)")
+            raise UserError("--device cuda: no CUDA device is available here (try --device auto or cpu)")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here (try --device auto or cpu)")
+        raise UserError("--device mps: MPS is not available here (try --device auto or cpu)")
     return torch.device(requested)
 
 

@@ -16,3 +16,20 @@ class UserError(ValueError):
 
 EXIT_USER_ERROR = 2
 """Exit status for a UserError: the scripts (slurm/train.sh) never requeue it."""
+
+
+def user_message(error: UserError) -> str:
+    """The message to show for ``error``, without the worker traceback that torch's DataLoader wraps
+    around an exception it re-raises from a worker process.
+
+    A UserError raised in a DataLoader worker reaches the training process as
+    ``UserError("Caught UserError in DataLoader worker process 0.\\nOriginal Traceback ...\\n
+    elastictrain.errors.UserError: MESSAGE")`` (torch.utils.data._utils.ExceptionWrapper); the user needs
+    MESSAGE only. tests/test_errors.py runs a real DataLoader worker, so a torch that changes the wrapping
+    fails that test rather than showing users a traceback.
+    """
+    text = str(error)
+    marker = f"{UserError.__module__}.{UserError.__qualname__}: "
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

@@ -373,7 +373,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         epochs_completed: the largest ``epoch`` in val records (epochs completed when the epoch ended).
         steps_completed: the largest ``step`` in any record.
         wall_time_s: time of the last record minus the first, downtime between attempts included.
-        restarts_survived: the number of resume events.
+        restarts_survived: the number of resume events, except those after a ``finished`` event: re-running
+            a finished run (or raising ``train.epochs`` to continue it) is not a restart, and its idle gap
+            is no time lost.
         time_lost_to_restarts_s: an approximation, summed over resume events, of downtime plus recomputed
             work. For a resume from the snapshot at step S, it is (resume time - time of the last record before
             it) + (that time - time of the last earlier record at a step <= S, i.e. when step S was done). The
@@ -398,7 +400,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "epochs_completed": max((int(r.get("epoch", 0)) for r in vals), default=0),
         "steps_completed": max(_last_step(records), 0),
         "wall_time_s": (max(times) - min(times)) if times else 0.0,
-        "restarts_survived": sum(_is_resume(r) for r in records),
+        "restarts_survived": len(_restart_indices(records)),
         "time_lost_to_restarts_s": _time_lost_to_restarts(records),
         "best_val_loss": best["val_loss"] if best else None,
         "best_val_epoch": best.get("epoch") if best else None,
@@ -410,10 +412,22 @@ def _is_resume(record: dict) -> bool:
     return record.get("kind") == "event" and record.get("event") == "resume"
 
 
+def _restart_indices(records: list[dict]) -> list[int]:
+    """Positions of the resume events that continue an attempt which did not finish."""
+    restarts, finished = [], False
+    for i, r in enumerate(records):
+        if _is_resume(r) and not finished:
+            restarts.append(i)
+        if r.get("kind") == "event" and r.get("event") in ("start", "resume", "finished"):
+            finished = r.get("event") == "finished"
+    return restarts
+
+
 def _time_lost_to_restarts(records: list[dict]) -> float:
     lost = 0.0
-    for i, resume in enumerate(records):
-        if not _is_resume(resume) or i == 0:
+    for i in _restart_indices(records):
+        resume = records[i]
+        if i == 0:
             continue
         last_before = records[i - 1]
         # Walking back, the first record at or below the snapshot step marks when that step was done

@@ -46,6 +46,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                         f"(arch {cfg.arch!r}, encoder {cfg.encoder!r}, weights {cfg.encoder_weights!r})") from None
     except TypeError as e:
         raise UserError(f"--model.decoder_channels/--model.encoder_depth: not accepted by {cfg.arch}: {e}") from None
+    except RuntimeError as e:
+        if not str(e).startswith("Unknown model"):  # timm's words for a 'tu-' name it does not have
+            raise
+        raise UserError(f"--model.encoder: timm has no model {cfg.encoder[3:]!r} (from {cfg.encoder!r}): {e}") from None
 
 
 def _prefetch_command(cfg: ModelConfig) -> str:

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from elastictrain.errors import EXIT_USER_ERROR, UserError
 from elastictrain.metrics import read_metrics, setup_logging
 
 log = logging.getLogger(__name__)
@@ -90,20 +91,33 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
     Args:
         run_dir: a run directory holding metrics.jsonl.
-        out: PNG to write; default RUN_DIR/metrics.png.
+        out: PNG to write (``*.png``), or an existing directory to write ``metrics.png`` into; default
+            RUN_DIR/metrics.png.
 
     Returns:
         The path written.
 
     Raises:
         FileNotFoundError: naming the metrics file when the run has none.
+        UserError: ``out`` is neither a .png file nor a directory.
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    out = Path(out) if out is not None else run_dir / "metrics.png"
+    out = _png_path(run_dir, out)
     fig = figure(records, f"{run_dir.name}: dashed = resumed (red: world size changed)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format="png")  # the format given: matplotlib would add '.png' to a bare name
+    return out
+
+
+def _png_path(run_dir: Path, out: Path | None) -> Path:
+    if out is None:
+        return run_dir / "metrics.png"
+    out = Path(out)
+    if out.is_dir():
+        return out / "metrics.png"
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: name a .png file or an existing directory (metrics.png is written into it)")
     return out
 
 
@@ -114,5 +128,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/metrics.png)")
     args = parser.parse_args(argv)
     setup_logging(None, rank=0)
-    log.info("wrote %s", plot_run(args.run_dir, args.out))
+    try:
+        log.info("wrote %s", plot_run(args.run_dir, args.out))
+    except (UserError, FileNotFoundError) as e:  # a mistake to fix: one line, no traceback
+        log.error("elastictrain plot: %s", e)
+        return EXIT_USER_ERROR
     return 0

@@ -186,10 +186,13 @@ class Trainer:
         remaining = self.steps_per_epoch - self.state.sample_offset // self.loaders.train_sampler.global_batch
         losses: list[float] = []
         for batches in progress(self._steps(loader), remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
-            # The one collective of a step boundary: a preemption signal, or a mid-epoch snapshot due by any
-            # rank's clock, on any rank means every rank acts on it.
-            stop, snapshot = any_rank_each(self.ctx, self.preemption.requested is not None,
-                                           self.checkpointer.wants_snapshot(self.state))
+            # The one collective of a step boundary: a preemption signal, a mid-epoch snapshot due by any
+            # rank's clock, or a loss that is no longer finite on any rank means every rank acts on it.
+            stop, snapshot, diverged = any_rank_each(self.ctx, self.preemption.requested is not None,
+                                                     self.checkpointer.wants_snapshot(self.state),
+                                                     bool(losses) and not math.isfinite(losses[-1]))
+            if diverged:  # before any snapshot of the wrecked weights, a preemption's included
+                self._diverged()
             if stop:
                 return False
             if snapshot:
@@ -204,7 +207,7 @@ class Trainer:
             self.faults.maybe_fire("step", self.state.step)
             if self.state.step % self.cfg.train.log_every == 0:
                 self.log_train(epoch, losses[-self.cfg.train.log_every:])
-        self.epoch_train_loss = self._mean_across_ranks(losses)
+        self.epoch_train_loss = self._finite_mean(losses)
         return True
 
     def _steps(self, loader: Any) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -312,6 +315,21 @@ class Trainer:
     def _mean_across_ranks(self, values: list[float]) -> float:
         t = all_reduce_sum(self.ctx, torch.tensor([sum(values), len(values)], dtype=torch.float64))
         return float(t[0] / max(1.0, float(t[1])))
+
+    def _finite_mean(self, losses: list[float]) -> float:
+        """The epoch's mean loss across ranks, which also checks its last step (no step boundary follows it):
+        a NaN on any rank makes the all-reduced sum NaN on every rank, so all ranks stop together."""
+        loss = self._mean_across_ranks(losses)
+        if not math.isfinite(loss):
+            self._diverged()
+        return loss
+
+    def _diverged(self) -> None:
+        """Stop a run whose loss is NaN or inf (checked on every rank at once, in the step boundary's one
+        collective and at the epoch's end) before anything snapshots the weights it wrecked."""
+        raise UserError(f"training diverged: the loss is not finite at step {self.state.step} (epoch "
+                        f"{self.state.epoch + 1}); nothing was snapshotted after the last finite loss. Lower "
+                        f"--optim.lr ({self.cfg.optim.lr}), keep --optim.grad_clip on, or check the data")
 
     def _prepare_snapshot(self) -> None:
         """Make replicated state identical on every rank and gather per-rank RNG states."""

@@ -114,3 +114,25 @@ def test_data_settings_for_own_data_are_validated_together() -> None:
         assert expected in text, text
     with pytest.raises(ValueError, match="unique, non-empty and free of '/'"):
         load_config(["--data.class_names", "a,a/b", "--data.num_classes", "2"])
+
+
+def test_harmful_values_are_refused(tmp_path: Path) -> None:
+    """Values that parse but would do harm: an infinite learning rate (NaN losses, exit 0), a preemption
+    exit status the scripts read as 'finished' or another outcome, a run directory that is the working
+    directory, and YAML null for a path (a directory named 'None')."""
+    with pytest.raises(ValueError) as err:
+        load_config(["--lr", "inf", "--optim.weight_decay", "nan", "--preemption.exit_code", "0",
+                     "--run.dir", ""])
+    msg = str(err.value)
+    for expected in ("--optim.lr: expected a finite number, got 'inf'", "--optim.weight_decay: expected a finite",
+                     "--preemption.exit_code: must be between 3 and 125, got 0", "--run.dir: must name a directory"):
+        assert expected in msg
+    for code in ("1", "2", "126", "137", "256"):
+        with pytest.raises(ValueError, match="--preemption.exit_code: must be between 3 and 125"):
+            load_config(["--preemption.exit_code", code])
+    assert load_config(["--preemption.exit_code", "3"]).preemption.exit_code == 3
+    with pytest.raises(ValueError, match=r"--run.dir: expected a string, got null \(YAML ~\)"):
+        load_config(["--config", write(tmp_path, "run:\n  dir: ~\n")])
+    with pytest.raises(ValueError, match="--optim.lr: expected a finite number"):
+        load_config(["--config", write(tmp_path, "optim:\n  lr: .inf\n")])
+    assert load_config(["--config", write(tmp_path, "model:\n  encoder_weights: ~\n")]).model.encoder_weights is None

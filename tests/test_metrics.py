@@ -290,3 +290,39 @@ def test_setup_logging_is_idempotent_and_quiet_ranks_leave_no_file(tmp_path: Pat
         for handler in [h for h in package.handlers if getattr(h, "_elastictrain", False)]:
             package.removeHandler(handler)
             handler.close()
+
+
+def test_rerunning_a_finished_run_is_no_restart(tmp_path: Path) -> None:
+    """A finished run run again (or continued with more epochs) an hour later: no restart, no time lost;
+    a crash after that continuation still counts."""
+    records = [
+        {"kind": "event", "event": "start", "step": 0, "time": 100.0},
+        {"kind": "val", "step": 10, "time": 110.0, "epoch": 1, "val_loss": 0.8},
+        {"kind": "event", "event": "finished", "step": 10, "time": 111.0},
+        {"kind": "event", "event": "resume", "step": 10, "time": 3711.0},  # the same command, an hour later
+        {"kind": "event", "event": "finished", "step": 10, "time": 3712.0},
+        {"kind": "event", "event": "resume", "step": 10, "time": 7300.0},  # --train.epochs raised
+        {"kind": "train", "step": 15, "time": 7310.0, "loss": 0.7},
+        {"kind": "event", "event": "resume", "step": 10, "time": 7320.0},  # crashed: 10 s down + 10 s redone
+        {"kind": "val", "step": 20, "time": 7330.0, "epoch": 2, "val_loss": 0.6},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = summarize(tmp_path)
+    assert s["restarts_survived"] == 1 and s["time_lost_to_restarts_s"] == 20.0
+
+
+def test_plot_out_names_what_it_writes(resumed_run: tuple[Path, str], tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """--out DIR writes DIR/metrics.png and says so; a name that is neither a .png nor a directory, and a run
+    without metrics, are one-line errors with exit 2."""
+    run_dir, _ = resumed_run
+    out_dir = tmp_path / "plots"
+    out_dir.mkdir()
+    assert plot_main([str(run_dir), "--out", str(out_dir)]) == 0
+    assert (out_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(out_dir.iterdir()) == [out_dir / "metrics.png"] and not (tmp_path / "plots.png").exists()
+    assert f"wrote {out_dir / 'metrics.png'}" in caplog.text
+    assert plot_main([str(run_dir), "--out", str(tmp_path / "picture")]) == 2
+    assert not list(tmp_path.glob("picture*"))
+    assert plot_main([str(tmp_path / "empty")]) == 2
+    assert "no metrics file" in caplog.text

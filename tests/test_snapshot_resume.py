@@ -33,6 +33,8 @@ def kill_then_rerun(run_dir: Path, fault: str, extra: list[str], nproc: int) -> 
     resumed = re.search(r"resuming from (epoch \d+ step \d+) \(snapshot ([^,]+),", again.stdout)
     assert resumed, f"no 'resuming from' line\n{again.stdout[-3000:]}"
     assert re.fullmatch(RESUME_POINT[fault], resumed[1]), resumed[0]
+    if nproc == 0:  # the killed process left its lock behind: taken over at once, its pid being gone
+        assert "took over the lock" in again.stdout and "its holder, pid" in again.stdout
     return again.stdout
 
 
