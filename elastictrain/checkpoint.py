@@ -470,15 +470,17 @@ class CheckpointManager:
             return info
 
     def _restore(self, path: Path, commit: dict[str, Any], app_state: AppState) -> ResumeInfo:
-        """Every rank: read the TrainState alone, refuse another model, read everything, prove the read."""
+        """Every rank: read the TrainState alone, refuse another model, read everything, prove the read;
+        meanwhile rank 0 checks the files' checksums (when ``checkpoint.verify``) on other threads."""
         engine = self._engine_for(commit, path)
+        checksums = self._start_checksums(path, commit)
         stored = TrainState()
         try:
             engine.read(path, {"train": JsonState(stored)}, self.ctx)
             problems: list[str] = []
-        except EngineReadError as e:
+        except (EngineReadError, ValueError) as e:  # ValueError: a TrainState that is not JSON
             problems = [str(e)]
-        self._agree_on_damage(path, problems, commit)
+        self._agree_on_damage(path, problems, commit, checksums)
         self._check_compatible(stored.config, path)  # every rank read the same config: no collective needed
         if self.faults:
             self.faults.maybe_fire("restore", 0)
@@ -488,30 +490,48 @@ class CheckpointManager:
             problems = [str(e)]
         if not problems and "entries" in commit:
             problems = self._prove_read(commit["entries"], app_state)
-        self._agree_on_damage(path, problems, commit)
+        if checksums is not None and not problems:
+            problem = checksums.result()
+            problems = [problem] if problem else []
+            if problem is None:
+                size = sum(f["size"] for f in commit["files"].values())
+                log.info("verified snapshot %s: %d files, %s", path.name, len(commit["files"]), manifest.human_size(size))
+        self._agree_on_damage(path, problems, commit, checksums)
         state = app_state["train"].state if "train" in app_state else stored
         return ResumeInfo(path, state.epoch, state.step, state.sample_offset, stored.world_size, stored.config)
 
-    def _agree_on_damage(self, path: Path, problems: list[str], commit: dict[str, Any] | None = None) -> None:
+    def _start_checksums(self, path: Path, commit: dict[str, Any]) -> Future | None:
+        """Rank 0, with ``checkpoint.verify``: hash every file against the commit record in the background."""
+        if not (self.cfg.verify and self.ctx.is_main):
+            return None
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        future = pool.submit(manifest.verify, path, commit, build_engine(commit["engine"]).marker)
+        pool.shutdown(wait=False)
+        return future
+
+    def _agree_on_damage(self, path: Path, problems: list[str], commit: dict[str, Any],
+                         checksums: Future | None) -> None:
         """If any rank could not read its part: with the first rank's reasons, raise _Damaged on every rank when
-        the files are not the ones committed (checksums), else RuntimeError: intact files that do not restore
-        are not the snapshot's fault (nothing is moved aside for it). ``commit`` given: checked now if
-        verification was skipped at discovery."""
+        the files are not the ones committed (their checksums, hashed now if they were not being hashed), else
+        RuntimeError: intact files that do not restore are not the snapshot's fault (nothing is moved aside)."""
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         reasons = [r for r in all_gather_object(self.ctx, shown if problems else None) if r]
         if not reasons:
             return
         log.error("restoring snapshot %s failed: %s", path.name, reasons[0])
-        damage = reasons[0]
-        if commit is not None:
-            def files_problem() -> str | None:
-                return None if self.cfg.verify else manifest.verify(path, commit, build_engine(commit["engine"]).marker)
 
-            damage = on_main_together(self.ctx, files_problem) or ""
-            if not damage:
-                raise RuntimeError(f"snapshot {path} is intact (its files match their checksums) but could not be "
-                                   f"restored: {reasons[0]}")
-        raise _Damaged(f"restore failed: {damage}; {reasons[0]}" if damage != reasons[0] else f"restore failed: {damage}")
+        def files_problem() -> str | None:
+            if checksums is not None:
+                return checksums.result()
+            return manifest.verify(path, commit, build_engine(commit["engine"]).marker)
+
+        damage = on_main_together(self.ctx, files_problem) or ""
+        if not damage:
+            raise RuntimeError(f"snapshot {path} is intact (its files match their checksums) but could not be "
+                               f"restored: {reasons[0]}")
+        raise _Damaged(damage if damage == reasons[0] else f"{damage} (the restore: {reasons[0]})")
 
     def _prove_read(self, expected: proof.Record, app_state: AppState) -> list[str]:
         """Compare every entry's fingerprint after the read with the one recorded at save time."""
@@ -560,7 +580,10 @@ class CheckpointManager:
                 log.warning("ignoring incomplete snapshot %s (no commit record); removing it", snap.path)
                 shutil.rmtree(snap.path, ignore_errors=True)
                 continue
-            problem = self._verify(snap.path, snap.commit)  # type: ignore[arg-type]
+            # Sizes and the file list now (truncation is the usual damage); the checksums are hashed while the
+            # engine reads, on other threads (see _restore).
+            problem = manifest.verify(snap.path, snap.commit, build_engine(snap.commit["engine"]).marker,  # type: ignore[index]
+                                      checksums=False)
             if problem is None:
                 return snap
             self._move_aside(snap.path, "damaged", problem)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from elastictrain.dist import DistContext
 
@@ -214,20 +214,11 @@ class _ReadTarget:
 
     def finish(self) -> None:
         """Shard what was read whole, and load it all into the live object."""
+        from elastictrain.ts_format import shard_like
+
         if self.loaded is None:
             raise EngineReadError(f"torchsnapshot restored nothing into '{self.key}'")
-
-        def reshard(live: Any, read: Any) -> Any:
-            if isinstance(live, dict) and isinstance(read, dict):
-                return {k: reshard(live.get(k), v) for k, v in read.items()}
-            if isinstance(live, list) and isinstance(read, list) and len(live) == len(read):
-                return [reshard(a, b) for a, b in zip(live, read)]
-            if isinstance(live, DTensor) and isinstance(read, torch.Tensor) and not isinstance(read, DTensor):
-                return distribute_tensor(read.to(live.device), live.device_mesh, live.placements,
-                                         src_data_rank=None)
-            return read
-
-        self.stateful.load_state_dict(reshard(self.live, self.loaded))
+        self.stateful.load_state_dict(shard_like(self.live, self.loaded))
 
 
 # ---------- DCP ----------

@@ -154,15 +154,30 @@ def read(path: Path, app_state: dict[str, Any]) -> bool:
             return False
         plans[key] = (prefix, entries)
     reads = _Reads(path)
-    trees = {}
+    trees, lives = {}, {}
     for key, (prefix, entries) in plans.items():
         stateful = app_state[key]
-        live = {} if getattr(stateful, "wants_template", False) else _leaves(stateful.state_dict(), prefix, {})
-        trees[key] = _inflate(prefix, entries, live, reads, path)
+        lives[key] = {} if getattr(stateful, "wants_template", False) else stateful.state_dict()
+        trees[key] = _inflate(prefix, entries, _leaves(lives[key], prefix, {}), reads, path)
     reads.run()
     for key, tree in trees.items():
-        app_state[key].load_state_dict(tree)
+        app_state[key].load_state_dict(shard_like(lives[key], tree))
     return True
+
+
+def shard_like(live: Any, read: Any) -> Any:
+    """``read`` with every plain tensor that stands where ``live`` has a DTensor sharded like that DTensor
+    (an unsharded snapshot read into FSDP2). Every rank read the whole tensor, so each only keeps its own
+    part: no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(live, dict) and isinstance(read, dict):
+        return {k: shard_like(live.get(k), v) for k, v in read.items()}
+    if isinstance(live, list) and isinstance(read, list) and len(live) == len(read):
+        return [shard_like(a, b) for a, b in zip(live, read)]
+    if isinstance(live, DTensor) and isinstance(read, torch.Tensor) and not isinstance(read, DTensor):
+        return distribute_tensor(read.to(live.device), live.device_mesh, live.placements, src_data_rank=None)
+    return read
 
 
 def _inflate(prefix: str, entries: dict[str, dict[str, Any]], live: dict[str, Any], reads: _Reads,

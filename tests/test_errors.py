@@ -48,10 +48,10 @@ def test_a_missing_device_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra, message", [
     (["--model.encoder", "tu-nosuch"], "--model.encoder: timm has no model 'nosuch'"),
-    (["--model.arch", "Nope"], "--model.arch/--model.encoder: smp does not know"),
+    (["--model.arch", "Nope"], "--model.arch/--model.encoder/--model.encoder_weights: smp does not know"),
     (["--batch-size", "64"], "fewer than one global batch of 64: lower --train.batch_size"),
     (["--checkpoint", "/nonexistent/snap"], "--checkpoint.resume_from: /nonexistent/snap is not a complete snapshot"),
-    (["--data.source", "folder", "--data.root", "/nonexistent"], "--data.root: no such folder: /nonexistent"),
+    (["--data.source", "folder", "--data.root", "/nonexistent"], "--data.root /nonexistent: 2 problem(s) with the data"),
     (["--lr", "1e30", "--optim.grad_clip", "0"], "training diverged: the loss is not finite at step 2"),
 ], ids=["encoder", "arch", "batch", "checkpoint", "data", "diverged"])
 def test_user_errors_after_parsing_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],

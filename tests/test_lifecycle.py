@@ -58,20 +58,27 @@ def fresh_copy(src: Path, dst: Path) -> Path:
 
 # ---------- 1: a read that fails is never taken for a restore ----------
 @pytest.mark.parametrize("engine", ENGINES)
-def test_truncated_file_without_verification_falls_back_and_ends_exact(six: dict[str, Path], tmp_path: Path,
-                                                                       engine: str) -> None:
-    """With --checkpoint.verify false nothing hashes the files first; the newest snapshot's biggest data file
-    is truncated. The read must be proven incomplete, the snapshot moved aside as damaged (intact bytes, not
-    deleted), the previous one used, and the run must end with the uninterrupted run's very weights. (On the
-    old main torchsnapshot 'resumed' with the untrained initialisation and exited 0.)"""
+@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+def test_damage_without_verification_falls_back_and_ends_exact(six: dict[str, Path], tmp_path: Path, engine: str,
+                                                               damage: str) -> None:
+    """With --checkpoint.verify false nothing hashes the files first. The newest snapshot's biggest data file
+    is truncated (caught by its size, before anything is read) or has a run of bytes zeroed (same size: read
+    'successfully' by both libraries, caught by the proof of the read, then named by the checksums). Either
+    way the snapshot is moved aside as damaged (intact bytes, not deleted), the previous one is used, and the
+    run ends with the uninterrupted run's very weights. (On the old main torchsnapshot 'resumed' a truncated
+    file as the untrained initialisation and exited 0.)"""
     run_dir = fresh_copy(six[engine], tmp_path / "run")
     newest = run_dir / "snapshots" / manifest.snapshot_name(6, 24)
     data = largest_data_file(newest, build_engine(engine).marker)
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    raw = data.read_bytes()
+    half = len(raw) // 2
+    data.write_bytes(raw[:half] if damage == "truncated" else raw[:half] + bytes(4096) + raw[half + 4096:])
     digest = tree_digest(newest)
     out = run_cli(six_epochs(run_dir, engine, "--checkpoint.verify", "false"), check=True).stdout
-    assert re.search(r"restoring snapshot epoch00006-step00000024 failed: .*", out), out[-3000:]
-    assert f"{data}: size" in out  # the checksum pass, run once the read failed, names the file
+    why = "size" if damage == "truncated" else "checksum mismatch"
+    assert re.search(rf"snapshot {newest.name} is damaged: {re.escape(str(data))}: {why}", out), out[-3000:]
+    if damage == "zeroed":
+        assert re.search(r"restoring snapshot epoch00006-step00000024 failed: .*", out), out[-3000:]
     assert "resuming from epoch 5 step 20" in out
     assert out.count("\n") < 200, "the engine's errors are reported once, not as thousands of lines"
     (aside,) = [p for p, why in manifest.aside_dirs(run_dir / "snapshots") if why == "damaged"]
