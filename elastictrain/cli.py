@@ -72,6 +72,7 @@ def run_training(cfg: Config) -> int:
     from pathlib import Path
 
     from elastictrain.dist import init_distributed, teardown
+    from elastictrain.errors import EXIT_USER_ERROR, UserError
     from elastictrain.metrics import setup_logging
     from elastictrain.preemption import Preemption
 
@@ -88,6 +89,9 @@ def run_training(cfg: Config) -> int:
 
         trainer = Trainer(cfg, ctx, preemption)
         return trainer.train()
+    except UserError as e:  # a setting or file to change (every rank raises it together): one line, exit 2
+        sys.stderr.write(f"elastictrain: {e}\n")
+        return EXIT_USER_ERROR
     finally:
         if trainer is not None:
             trainer.close()
