@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from elastictrain import device as devices
 from elastictrain import manifest, proof
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
@@ -357,8 +358,10 @@ class CheckpointManager:
             cuda = self.ctx.device.type == "cuda"
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                         use_async_staging=background, use_non_blocking_copy=cuda))
-        live = {k: getattr(v, "snapshot_state_dict", v.state_dict)() for k, v in app_state.items()}
-        return self._stager.stage(self.engine.prepare_for_save(live, self.ctx))
+        live = self.engine.prepare_for_save({k: getattr(v, "snapshot_state_dict", v.state_dict)()
+                                             for k, v in app_state.items()}, self.ctx)
+        devices.wait_for_queued_work(self.ctx.device)  # the stager's own stream does not wait for the optimizer step
+        return self._stager.stage(live)
 
     def _clear_target(self, path: Path) -> None:
         """Rank 0: make room for a new snapshot at ``path``. A directory of that name left by an earlier

@@ -379,6 +379,8 @@ def validate(cfg: Config) -> list[str]:
                  f"got {cfg.train.micro_batch_size}")
     if cfg.train.precision == "fp16" and cfg.train.device in ("cpu", "mps"):
         p.append(f"--train.precision: fp16 needs CUDA (GradScaler); use bf16 or fp32 on {cfg.train.device}")
+    if cfg.dist.backend == "nccl" and cfg.train.device in ("cpu", "mps"):
+        p.append(f"--dist.backend: nccl needs CUDA; use gloo (or auto) on {cfg.train.device}")
     import signal as _signal
     for name in cfg.preemption.signals:
         if not isinstance(getattr(_signal, name, None), _signal.Signals) or name in ("SIGKILL", "SIGSTOP"):

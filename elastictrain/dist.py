@@ -91,25 +91,26 @@ def all_gather_object(ctx: DistContext, obj: Any, group: Any = None) -> list[Any
 
 def any_rank(ctx: DistContext, flag: bool) -> bool:
     """True on every rank if it is true on any rank: a collective decision, made collectively."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_rank_each(ctx, flag)[0]
 
 
 def any_rank_each(ctx: DistContext, *flags: bool) -> list[bool]:
-    """For each flag, True on every rank if it is true on any rank: several decisions in one collective."""
+    """For each flag, True on every rank if it is true on any rank: several decisions in one collective.
+
+    On host memory over gloo whatever the backend: a step boundary then waits for no GPU work (a CUDA
+    tensor read back to the host would wait for every kernel queued so far)."""
     if not ctx.distributed:
         return list(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
     return [bool(v) for v in t.tolist()]
 
 
 def all_reduce_sum(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (identity at world size 1). A CPU tensor goes through the gloo group: the
+    default group under nccl has no CPU backend ('No backend type associated with device type cpu')."""
     if ctx.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ctx.cpu_group if t.device.type == "cpu" else None)
     return t
 
 

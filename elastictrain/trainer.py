@@ -85,7 +85,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.state = TrainState(config=to_dict(cfg), world_size=ctx.world_size)
         if cfg.debug.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            devices.make_deterministic(ctx.device)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (FSDP2 shards them)
         model = build_model(cfg.model, cfg.data.num_classes)
         self.strategy = resolve_strategy(cfg.dist.strategy, ctx)
@@ -310,7 +310,8 @@ class Trainer:
     def log_train(self, epoch: int, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
         self.metrics.log("train", self.state.step, epoch=epoch, loss=loss, lr=self.scheduler.get_last_lr()[0],
-                         sample_offset=self.state.sample_offset, world_size=self.ctx.world_size)
+                         sample_offset=self.state.sample_offset, world_size=self.ctx.world_size,
+                         **devices.memory_peaks(self.ctx.device))
 
     def _mean_across_ranks(self, values: list[float]) -> float:
         t = all_reduce_sum(self.ctx, torch.tensor([sum(values), len(values)], dtype=torch.float64))
