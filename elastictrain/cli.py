@@ -80,7 +80,6 @@ def run_training(cfg: Config) -> int:
 
     from elastictrain import lifeline, runlock
     from elastictrain.dist import init_distributed, teardown
-    from elastictrain.errors import EXIT_USER_ERROR, UserError
     from elastictrain.metrics import setup_logging
     from elastictrain.preemption import Preemption
 

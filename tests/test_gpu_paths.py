@@ -51,7 +51,7 @@ def _start_up_error_cases() -> list[Any]:
              pytest.param(["--checkpoint.resume_from", "no-such-snapshot"], "--checkpoint.resume_from",
                           id="resume-from-missing")]
     if not torch.cuda.is_available():
-        cases.append(pytest.param(["--train.device", "cuda"], "cuda: no CUDA device is available here", id="no-cuda"))
+        cases.append(pytest.param(["--train.device", "cuda"], "--device cuda: no CUDA device is available here", id="no-cuda"))
     return cases
 
 
