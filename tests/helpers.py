@@ -72,6 +72,20 @@ def run_cli(args: list[str], nproc: int = 0, max_restarts: int = 0, timeout: flo
     return result
 
 
+def run_script_under_torchrun(script: Path, args: list[str], nproc: int = 2,
+                              timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node N SCRIPT ARGS`` to completion (stdout and stderr together); its whole
+    process group is killed afterwards whatever happened."""
+    cmd = [*cli_cmd([], nproc=nproc)[:-2], str(script), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
 def kill_group(proc: subprocess.Popen[Any]) -> None:
     """SIGKILL a subprocess started with start_new_session=True and everything in its session."""
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import (ROOT, TINY, assert_bitwise_equal, base_env, cli_cmd, kill_group, load_final, read_jsonl,
-                     run_cli, tiny_args)
+from helpers import (TINY, assert_bitwise_equal, load_final, read_jsonl, run_cli, run_script_under_torchrun,
+                     tiny_args)
 
 FSDP = ["--dist.strategy", "fsdp"]
 # Every forward sees the same 2 samples at every world size (micro-batches of 2; accumulation 3 at 2 ranks,
@@ -73,11 +72,6 @@ def assert_continues_like(run_dir: Path, reference: Path, resumed_at: int) -> No
     resumed_epoch = resumed_at // STEPS_PER_EPOCH
     assert sorted(val_losses(run_dir)) == list(range(resumed_epoch + 1, 4))
     assert all(math.isfinite(v) for v in val_losses(run_dir).values())
-
-
-def failed_with(result: subprocess.CompletedProcess[str], message: str) -> None:
-    assert result.returncode != 0, result.stdout[-3000:]
-    assert message in result.stdout, result.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -252,14 +246,8 @@ def sharded(runs: Path, reference: Path) -> dict[str, Any]:
     """A fresh 2-rank FSDP2 process restores the reference's last (DCP) snapshot: its logits on
     ``fixed_input()`` and its gathered full state (see ``sharded_forward``)."""
     out = runs / "sharded.pt"
-    cmd = [*cli_cmd([], nproc=2)[:-2], str(Path(__file__)), str(out), *fsdp_args(reference)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=180)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 0, log[-4000:]
+    result = run_script_under_torchrun(Path(__file__), [str(out), *fsdp_args(reference)])
+    assert result.returncode == 0, result.stdout[-4000:]
     result = torch.load(out, weights_only=True)
     assert result["snapshot"].endswith("epoch00003-step00000009")
     return result
@@ -284,8 +272,6 @@ def test_exported_model_gives_the_sharded_models_outputs(sharded: dict[str, Any]
 def test_ckpt_export_of_a_sharded_torchsnapshot_snapshot(runs: Path, killed: Path, reference: Path) -> None:
     """``ckpt export`` of the last FSDP2 snapshot, in one process, equals the run's final_model.pt. (DCP's
     FSDP2 -> unsharded path is the one test_fsdp_to_ddp_with_dcp takes.)"""
-    if not (ROOT / "elastictrain" / "ckpt_cli.py").exists():
-        pytest.skip("elastictrain ckpt is not there yet")
     target = runs / "exported.pt"
     run_cli(["ckpt", "export", str(killed / "snapshots" / "epoch00003-step00000009"), str(target)], check=True)
     assert_bitwise_equal(torch.load(target, weights_only=True), load_final(reference))

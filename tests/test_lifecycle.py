@@ -9,7 +9,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,7 @@ from elastictrain.errors import UserError
 from elastictrain.offline import clean_plan
 from elastictrain.state import TrainState
 from elastictrain.trainer import batch_geometry, lr_factor
-from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, kill_group, load_final, run_cli,
-                     tiny_args)
+from helpers import assert_bitwise_equal, load_final, run_cli, run_script_under_torchrun, tiny_args
 from test_snapshots import ENGINES, largest_data_file, tiny_training, train_one_step, tree_digest
 
 WS1 = DistContext(0, 1, 0, torch.device("cpu"), None)
@@ -285,12 +283,14 @@ ctx = DistContext(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu")
                   dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
 def rename():
     os.rename(sys.argv[1] + "/absent", sys.argv[1] + "/elsewhere")
+out = open(f"{sys.argv[1]}/rank{ctx.rank}.txt", "w")  # one file a rank: lines on one pipe interleave
 try:
     on_main_together(ctx, rename)
 except Exception as e:
-    print(f"rank {ctx.rank} raised {type(e).__name__}: {e}", flush=True)
+    out.write(f"raised {type(e).__name__}: {e}\n")
 assert on_main_together(ctx, lambda: ctx.rank + 41) == 41
-print(f"rank {ctx.rank} agreed", flush=True)
+out.write("agreed\n")
+out.close()
 dist.destroy_process_group()
 """
 
@@ -299,17 +299,12 @@ dist.destroy_process_group()
 def test_a_file_operation_failing_on_rank_0_raises_on_every_rank(tmp_path: Path) -> None:
     script = tmp_path / "together.py"
     script.write_text(_TOGETHER)
-    cmd = [*cli_cmd([], nproc=2)[:-2], str(script), str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 0, out[-3000:]
-    lines = [line.split("raised ", 1)[1].split(": ", 1)[1] for line in out.splitlines() if " raised " in line]
-    assert len(lines) == 2 and "No such file or directory" in lines[0] and lines[0] == lines[1], out[-3000:]
-    assert out.count("agreed") == 2
+    result = run_script_under_torchrun(script, [str(tmp_path)], timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    messages = [lines[0].split(": ", 1)[1] for lines in said]  # rank 0 keeps its own exception type
+    assert "No such file or directory" in messages[0] and messages[0] == messages[1], said
+    assert [lines[1] for lines in said] == ["agreed", "agreed"]
 
 
 # ---------- small policies ----------

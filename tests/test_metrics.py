@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,16 @@ def resume_attempt(run_dir: Path, run_id: str) -> None:
     second.log("val", 8, epoch=2, train_loss=1.0, val_loss=0.9, iou=0.6, dice=0.7, world_size=4)
     second.close({"best_val_loss": 0.9})
     second.close()  # idempotent
+    settled(run_dir, run_id, 8)
+
+
+def settled(run_dir: Path, run_id: str, last_step: int) -> None:
+    """Wait until wandb-core has written an attempt's history (run.finish() may return before it has), and
+    into the next second, so that the next attempt's offline directory (named by the second) is its own."""
+    deadline = time.monotonic() + 30
+    while last_wandb_step(run_dir / "wandb", run_id) < last_step and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.05 - time.time() % 1)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +118,7 @@ def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
                 first.log("event", step, event="snapshot", epoch=1, snapshot="snapshots/step_3")
         first.log("val", 5, epoch=1, train_loss=2.0, val_loss=1.5, iou=0.4, dice=0.5, world_size=2)
         first.close()
+        settled(run_dir, run_id, 5)
         killed = root / "killed"
         shutil.copytree(run_dir, killed, symlinks=True)
         (log_file,) = killed.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")

@@ -235,13 +235,13 @@ def test_mid_epoch_snapshot_from_two_ranks_continues_at_one_and_three(tmp_path: 
 
 @pytest.mark.slow
 def test_time_based_snapshots_on_two_ranks_never_disagree(tmp_path: Path) -> None:
-    """A snapshot every 0.3 s by each rank's own clock, at ~20 steps a second: the ranks' clocks cross the
+    """A snapshot every 0.12 s by each rank's own clock, at ~20 steps a second: the ranks' clocks cross the
     interval at different boundaries all the time. Agreed in the boundary collective, every snapshot is taken by
     both ranks at the same step (the commit records each rank's step); undecided, the ranks would enter
     different collectives and hang."""
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    run_cli(tiny_args(run_dir, "--epochs", "6", "--checkpoint.every_minutes", "0.005", "--checkpoint.keep", "50"),
+    run_cli(tiny_args(run_dir, "--epochs", "6", "--checkpoint.every_minutes", "0.002", "--checkpoint.keep", "50"),
             nproc=2, timeout=240, check=True)
     mid = [s for s in manifest.list_snapshots(run_dir / "snapshots") if s.complete and s.commit["sample_offset"]]
     assert len(mid) >= 2, [s.name for s in manifest.list_snapshots(run_dir / "snapshots")]
