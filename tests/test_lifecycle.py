@@ -287,9 +287,9 @@ out = open(f"{sys.argv[1]}/rank{ctx.rank}.txt", "w")  # one file a rank: lines o
 try:
     on_main_together(ctx, rename)
 except Exception as e:
-    out.write(f"raised {type(e).__name__}: {e}\n")
+    out.write(f"raised {type(e).__name__}: {e}\\n")
 assert on_main_together(ctx, lambda: ctx.rank + 41) == 41
-out.write("agreed\n")
+out.write("agreed\\n")
 out.close()
 dist.destroy_process_group()
 """
