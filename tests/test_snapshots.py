@@ -318,6 +318,14 @@ def test_ckpt_subcommands(six_epoch_run: Callable[[str], Path], tmp_path: Path, 
     model.load_state_dict(exported)  # strict
     assert_bitwise_equal(exported, load_final(run_dir))  # the last snapshot holds the final weights
     capsys.readouterr()
+    # An output that is a directory, or in a folder that does not exist, is a user error: exit 2, one line
+    # naming it, and nothing written (no temp file left behind).
+    (tmp_path / "outdir").mkdir()
+    assert ckpt_main(["export", str(newest), str(tmp_path / "outdir")]) == 2
+    assert f"{tmp_path / 'outdir'} is a directory" in capsys.readouterr().err
+    assert list((tmp_path / "outdir").iterdir()) == [] and not list(tmp_path.glob(".*.tmp-*"))
+    assert ckpt_main(["export", str(newest), str(tmp_path / "nowhere" / "m.pt")]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
     flip = largest_data_file(root / "epoch00003-step00000012", build_engine(engine).marker)
     flip.write_bytes(bytes(b ^ 1 for b in flip.read_bytes()[:10]) + flip.read_bytes()[10:])
