@@ -33,8 +33,8 @@ def main() -> None:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from elastictrain import augment  # the same data and augmentation, so the data path costs the same
-    from elastictrain.data import GeneratedDataset
+    from elastictrain.config import from_dict  # the trainer's own data set, so the data path costs the same
+    from elastictrain.data import build_datasets
 
     torch.manual_seed(0)
     model = smp.create_model("Unet", encoder_name="resnet34", encoder_weights=None, classes=4)
@@ -45,9 +45,8 @@ def main() -> None:
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     dice = smp.losses.DiceLoss(smp.losses.MULTICLASS_MODE, from_logits=True)
-    steps, _ = augment.parse("default")
-    data = GeneratedDataset(0, "train", samples, size, 4,
-                            augment.SamplePipeline(steps, size, augment.Normalization(), seed=0))
+    data, _ = build_datasets(from_dict({"data": {"train_samples": samples, "val_samples": batch,
+                                                 "image_size": size, "num_classes": 4}}))
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
     loader = DataLoader(data, batch_size=batch // world, sampler=sampler, num_workers=0, drop_last=True)
     ckpt, start_epoch = run_dir / "plain.pt", 0

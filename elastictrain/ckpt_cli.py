@@ -165,14 +165,11 @@ def _config_summary(config: dict[str, Any], full: bool) -> list[str]:
 
 
 def export(args: argparse.Namespace) -> int:
-    from elastictrain.export import export_model
+    from elastictrain.export import check_target, export_model
     from elastictrain.offline import load_snapshot_model, standalone_context
 
     out: Path = args.out
-    if out.is_dir():
-        raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out.parent}: no such directory for the exported model")
+    check_target(out)  # before the snapshot is read and proven
     model, state = load_snapshot_model(args.snapshot, verify=not args.no_verify)
     export_model(model, out, standalone_context())
     cfg = state.config

@@ -17,6 +17,19 @@ from elastictrain.dist import DistContext
 from elastictrain.errors import UserError
 
 
+def check_target(out: Path) -> None:
+    """Refuse an output that is a directory or in a folder that does not exist (callers check before any
+    expensive work; :func:`export_model` checks again, since the target may change meanwhile).
+
+    Raises:
+        UserError: naming the path.
+    """
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such directory for the exported model")
+
+
 def export_model(model: nn.Module, out: Path, ctx: DistContext) -> None:
     """Gather the full weights (a collective under FSDP2: every rank calls this) and write them on rank 0,
     to a temp file renamed into place, so a crash never leaves a torn file and a failure leaves nothing.
@@ -30,10 +43,7 @@ def export_model(model: nn.Module, out: Path, ctx: DistContext) -> None:
     if not ctx.is_main:
         return
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such directory for the exported model")
+    check_target(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         torch.save({k: v.detach().cpu().contiguous() for k, v in full.items()}, tmp)
