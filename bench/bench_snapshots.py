@@ -42,8 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from elastictrain import manifest  # noqa: E402
-from elastictrain.engines import build_engine  # noqa: E402
+from elastictrain.snapshot import manifest  # noqa: E402
+from elastictrain.snapshot.engines import build_engine  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

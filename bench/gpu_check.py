@@ -255,7 +255,7 @@ def failure_reason(text: str) -> str:
 
 
 def newest_snapshot(run_dir: Path) -> Any:
-    from elastictrain import manifest
+    from elastictrain.snapshot import manifest
 
     snaps = [s for s in manifest.list_snapshots(run_dir / "snapshots") if s.complete]
     return snaps[0] if snaps else None
@@ -400,7 +400,7 @@ def scaler_state(run_dir: Path) -> dict[str, Any] | None:
     import torch
 
     from elastictrain.dist import DistContext
-    from elastictrain.engines import build_engine
+    from elastictrain.snapshot.engines import build_engine
 
     snap = newest_snapshot(run_dir)
     if snap is None or not any(k.startswith("scaler/") for k in snap.commit.get("entries", {})):
@@ -477,7 +477,7 @@ class Cost:
 
 def snapshot_windows(run_dir: Path) -> list[dict[str, Any]]:
     """Committed snapshots, oldest first: step, size, write seconds, and the wall-clock window of the write."""
-    from elastictrain import manifest
+    from elastictrain.snapshot import manifest
 
     out = []
     for s in reversed([s for s in manifest.list_snapshots(run_dir / "snapshots") if s.complete]):
@@ -562,7 +562,7 @@ def check_cost(runner: Runner, costs: list[Cost]) -> Result:
 
 
 def staging_copy_line(cfg: Any) -> str:
-    """Device-to-host staging of the model and AdamW state as checkpoint.py does it, pinned against pageable."""
+    """Device-to-host staging of the model and AdamW state as snapshot/manager.py does it, pinned against pageable."""
     import torch
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from elastictrain import manifest
+from elastictrain.snapshot import manifest
 from elastictrain.errors import UserError
 
 DELETABLE = ("permanent", "best", "damaged")
@@ -74,8 +74,8 @@ def _table(rows: list[list[str]]) -> None:
 
 
 def list_snapshots(args: argparse.Namespace) -> int:
-    from elastictrain.engines import build_engine
-    from elastictrain.offline import snapshots_root
+    from elastictrain.snapshot.engines import build_engine
+    from elastictrain.snapshot.offline import snapshots_root
 
     root = snapshots_root(args.run_dir)
     snapshots = manifest.list_snapshots(root)
@@ -113,7 +113,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from elastictrain.offline import open_snapshot, read_snapshot_state
+    from elastictrain.snapshot.offline import open_snapshot, read_snapshot_state
 
     path: Path = args.snapshot
     commit = open_snapshot(path, verify=not args.no_verify)
@@ -166,7 +166,7 @@ def _config_summary(config: dict[str, Any], full: bool) -> list[str]:
 
 def export(args: argparse.Namespace) -> int:
     from elastictrain.export import check_target, export_model
-    from elastictrain.offline import load_snapshot_model, standalone_context
+    from elastictrain.snapshot.offline import load_snapshot_model, standalone_context
 
     out: Path = args.out
     check_target(out)  # before the snapshot is read and proven
@@ -180,7 +180,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def clean(args: argparse.Namespace) -> int:
-    from elastictrain.offline import clean_plan, snapshots_root
+    from elastictrain.snapshot.offline import clean_plan, snapshots_root
 
     root = snapshots_root(args.run_dir)
     plan = clean_plan(root, frozenset(k for k in DELETABLE if getattr(args, f"delete_{k}")))

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from elastictrain import device as devices
-from elastictrain import manifest
+from elastictrain.snapshot import manifest
 from elastictrain.augment import SamplePipeline
 from elastictrain.config import Config, from_dict
 from elastictrain.data import IMAGE_SUFFIXES, bad_class_ids, bad_ids_message, class_names, load_image
@@ -55,7 +55,7 @@ def _read_run_config(run_dir: Path) -> Config | None:
 
 
 def _model_from_snapshot(path: Path, verify: bool) -> tuple[nn.Module, Config]:
-    from elastictrain.offline import load_snapshot_model
+    from elastictrain.snapshot.offline import load_snapshot_model
 
     model, state = load_snapshot_model(path, verify)
     return model, from_dict(state.config)

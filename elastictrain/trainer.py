@@ -16,7 +16,7 @@ from torch import nn
 
 from elastictrain import device as devices
 from elastictrain import viz
-from elastictrain.checkpoint import CheckpointManager, ResumeInfo, build_app_state
+from elastictrain.snapshot.manager import CheckpointManager, ResumeInfo, build_app_state
 from elastictrain.config import Config, save_config, to_dict
 from elastictrain.data import build_loaders, class_names
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
@@ -24,7 +24,7 @@ from elastictrain.errors import UserError
 from elastictrain.export import export_model
 from elastictrain.estimate import RunEstimate
 from elastictrain.faults import FaultInjector
-from elastictrain.interval import failure_history
+from elastictrain.snapshot.interval import failure_history
 from elastictrain.metrics import MetricsLogger, progress, read_metrics, write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap

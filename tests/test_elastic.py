@@ -25,7 +25,7 @@ import pytest
 
 from elastic_util import (GLOBAL_BATCH, STEPS_PER_EPOCH, Jobs, check_sample_offsets, descendants, events, kill_tree,
                           read_records, ready_agents, torchrun_cmd, train_records, wait_for_record, worker_env)
-from elastictrain import manifest
+from elastictrain.snapshot import manifest
 from elastictrain.faults import FaultInjector
 from helpers import assert_bitwise_equal, load_final, tiny_args, wait_for
 

@@ -286,7 +286,7 @@ def sharded_forward(out: Path, argv: list[str]) -> None:
     it, and (rank 0) save its logits on ``fixed_input()``, its gathered full state and the snapshot's path."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from elastictrain.checkpoint import CheckpointManager, ModelState
+    from elastictrain.snapshot.manager import CheckpointManager, ModelState
     from elastictrain.config import load_config
     from elastictrain.dist import init_distributed, teardown
     from elastictrain.model import build_model

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from elastictrain import device as devices
-from elastictrain.checkpoint import CheckpointManager, build_app_state
+from elastictrain.snapshot.manager import CheckpointManager, build_app_state
 from elastictrain.config import CheckpointConfig, load_config
 from elastictrain.dist import DistContext
 from elastictrain.errors import UserError

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from elastictrain import manifest
-from elastictrain.checkpoint import CheckpointManager, build_app_state
+from elastictrain.snapshot import manifest
+from elastictrain.snapshot.manager import CheckpointManager, build_app_state
 from elastictrain.ckpt_cli import main as ckpt_main
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext
-from elastictrain.engines import build_engine
+from elastictrain.snapshot.engines import build_engine
 from elastictrain.errors import UserError
-from elastictrain.offline import clean_plan
+from elastictrain.snapshot.offline import clean_plan
 from elastictrain.state import TrainState
 from elastictrain.trainer import batch_geometry, lr_factor
 from helpers import assert_bitwise_equal, load_final, run_cli, run_script_under_torchrun, tiny_args
@@ -120,7 +120,7 @@ def test_ckpt_export_and_inspect_refuse_a_read_they_cannot_prove(six: dict[str, 
 def test_a_read_that_left_tensors_untouched_is_caught_by_the_fingerprints(tmp_path: Path) -> None:
     """The proof itself, without the engine's help: the engine 'reads' nothing into the optimizer (a restore
     into a subset that leaves out 'optim'), yet the record expects it."""
-    from elastictrain import proof
+    from elastictrain.snapshot import proof
 
     model, opt, sched = tiny_training()
     state = TrainState()
@@ -139,7 +139,7 @@ def test_a_read_that_left_tensors_untouched_is_caught_by_the_fingerprints(tmp_pa
 
 
 def _record_of(model: torch.nn.Module) -> tuple[dict, list]:
-    from elastictrain import proof
+    from elastictrain.snapshot import proof
 
     complete, partial = proof.local_record({"model": model.state_dict()})
     return complete, [partial]

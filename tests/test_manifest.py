@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from elastictrain import manifest
-from elastictrain.manifest import SnapshotInfo
+from elastictrain.snapshot import manifest
+from elastictrain.snapshot.manifest import SnapshotInfo
 
 MARKER = ".snapshot_metadata"
 

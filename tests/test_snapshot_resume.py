@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from elastictrain import manifest
+from elastictrain.snapshot import manifest
 from helpers import assert_bitwise_equal, load_final, read_jsonl, run_cli, tiny_args
 
 # Where each fault leaves the newest complete snapshot (tiny: 4 steps per epoch at batch 8).

@@ -17,15 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from elastictrain import manifest, proof
-from elastictrain.checkpoint import CheckpointManager, JsonState, build_app_state
+from elastictrain.snapshot import manifest, proof
+from elastictrain.snapshot.manager import CheckpointManager, JsonState, build_app_state
 from elastictrain.ckpt_cli import main as ckpt_main
 from elastictrain.config import CheckpointConfig, from_dict
 from elastictrain.dist import DistContext
-from elastictrain.engines import build_engine
+from elastictrain.snapshot.engines import build_engine
 from elastictrain.errors import UserError
 from elastictrain.model import build_model
-from elastictrain.offline import open_snapshot, read_snapshot_state
+from elastictrain.snapshot.offline import open_snapshot, read_snapshot_state
 from elastictrain.state import TrainState
 from helpers import assert_bitwise_equal, load_final, read_jsonl, run_cli, tiny_args
 

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from elastic_util import kill_tree
-from elastictrain import manifest
-from elastictrain.checkpoint import CheckpointManager, ModelState, OptimizerState
+from elastictrain.snapshot import manifest
+from elastictrain.snapshot.manager import CheckpointManager, ModelState, OptimizerState
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext
-from elastictrain.engines import build_engine
-from elastictrain.interval import (ASSUMED_COST_S, MIN_AUTO_S, SnapshotClock, estimated_mtbf_hours, failure_history,
+from elastictrain.snapshot.engines import build_engine
+from elastictrain.snapshot.interval import (ASSUMED_COST_S, MIN_AUTO_S, SnapshotClock, estimated_mtbf_hours, failure_history,
                                    young_daly)
 from elastictrain.state import TrainState
 from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, load_final, read_jsonl, run_cli, tiny_args,

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from elastictrain import manifest, proof
-from elastictrain.checkpoint import JsonState, ModelState
+from elastictrain.snapshot import manifest, proof
+from elastictrain.snapshot.manager import JsonState, ModelState
 from elastictrain.dist import DistContext
-from elastictrain.engines import build_engine
+from elastictrain.snapshot.engines import build_engine
 from elastictrain.state import TrainState
 
 
@@ -58,7 +58,7 @@ def read_proven(path: Path, commit: dict[str, Any], app_state: dict[str, Any]) -
     Raises:
         ValueError: the engine failed, or an entry does not hold what was saved; the message says which.
     """
-    from elastictrain.engines import EngineReadError
+    from elastictrain.snapshot.engines import EngineReadError
 
     try:
         build_engine(commit["engine"]).read(path, app_state, standalone_context())

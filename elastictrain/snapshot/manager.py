@@ -43,13 +43,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from elastictrain import device as devices
-from elastictrain import manifest, proof
+from elastictrain.snapshot import manifest, proof
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
-from elastictrain.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
+from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
-from elastictrain.interval import SnapshotClock
+from elastictrain.snapshot.interval import SnapshotClock
 from elastictrain.state import TrainState
 
 log = logging.getLogger(__name__)

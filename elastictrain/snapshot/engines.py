@@ -1,6 +1,6 @@
 """Snapshot engines behind one small interface: torchsnapshot (default) and DCP.
 
-The manager in checkpoint.py owns policy (when, where, staging, commit, retention, proof of a read); an
+The manager in manager.py owns policy (when, where, staging, commit, retention, proof of a read); an
 engine only writes an already staged state (plain CPU state dicts, synchronously, on the manager's writer
 thread) into a directory, and reads a directory back into live objects, raising :class:`EngineReadError`
 when it could not read everything. What torchsnapshot gets wrong on this torch is mended here, in one place.
@@ -141,7 +141,7 @@ class TorchSnapshotEngine:
                       replicated=["**"])
 
     def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
-        from elastictrain import ts_format
+        from elastictrain.snapshot import ts_format
 
         try:
             if ts_format.read(path, app_state):
@@ -214,7 +214,7 @@ class _ReadTarget:
 
     def finish(self) -> None:
         """Shard what was read whole, and load it all into the live object."""
-        from elastictrain.ts_format import shard_like
+        from elastictrain.snapshot.ts_format import shard_like
 
         if self.loaded is None:
             raise EngineReadError(f"torchsnapshot restored nothing into '{self.key}'")

@@ -1,0 +1,1 @@
+"""Snapshots: taking, committing, discovering, verifying, restoring and proving them (see manager.py)."""
