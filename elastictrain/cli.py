@@ -80,7 +80,7 @@ def run_training(cfg: Config) -> int:
 
     from elastictrain import lifeline, runlock
     from elastictrain.dist import init_distributed, teardown
-    from elastictrain.metrics import setup_logging
+    from elastictrain.console import setup_logging
     from elastictrain.preemption import Preemption
 
     # Handlers first: start-up (rendezvous, model, restore) can take many seconds, and a preemption signal

@@ -35,7 +35,7 @@ from elastictrain.augment import Normalization, SamplePipeline
 from elastictrain.config import Config, DataConfig
 from elastictrain.dist import DistContext, broadcast_object
 from elastictrain.errors import UserError
-from elastictrain.metrics import progress
+from elastictrain.console import progress
 
 log = logging.getLogger(__name__)
 

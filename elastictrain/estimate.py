@@ -15,7 +15,7 @@ import sys
 import time
 
 from elastictrain.config import Config
-from elastictrain.metrics import duration
+from elastictrain.console import duration
 
 log = logging.getLogger(__name__)
 

@@ -21,22 +21,17 @@ import logging
 import os
 import secrets
 import string
-import struct
-import sys
 import threading
 import time
-import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from elastictrain.config import Config, to_dict
+from elastictrain.runlog import METRICS_FILE, is_attempt_start, is_number, last_step, read_metrics
+from elastictrain.wandb_log import last_wandb_step
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
 
 def wandb_mode(setting: str, environ: Mapping[str, str] | None = None) -> str:
     """Resolve ``metrics.wandb`` to a wandb mode: 'online', 'offline' or 'disabled'.
@@ -95,7 +90,7 @@ class MetricsLogger:
         step = int(fields.pop("step", 0))
         fields.setdefault("world_size", self.world_size)
         # torchrun's 'attempt' restarts at 0 for every re-run command: this counts attempts of the run itself.
-        fields["run_attempt"] = sum(_is_attempt_start(r) for r in earlier)
+        fields["run_attempt"] = sum(is_attempt_start(r) for r in earlier)
         new_id = self._start_wandb(run_id, earlier, step if resumed else -1)
         self.log("event", step, event="resume" if resumed else "start", **fields)
         return new_id
@@ -137,7 +132,7 @@ class MetricsLogger:
         except Exception as e:  # noqa: BLE001 - e.g. a wandb release that moved its protobuf module
             log.warning("could not read the wandb transaction logs of run %s (%s); assuming wandb has every "
                         "step in %s", run_id, e, METRICS_FILE)
-            return _last_step(earlier)
+            return last_step(earlier)
 
     def _backfill(self, earlier: list[dict], resumed_step: int) -> None:
         """Log to wandb what the JSONL has and wandb lost, up to the snapshot this attempt resumed from.
@@ -256,7 +251,7 @@ class MetricsLogger:
             if run is not None:
                 try:
                     if summary:
-                        run.summary.update({k: v for k, v in summary.items() if _is_number(v) or isinstance(v, str)})
+                        run.summary.update({k: v for k, v in summary.items() if is_number(v) or isinstance(v, str)})
                     run.finish(exit_code=0)
                 except Exception as e:  # noqa: BLE001 - closing must not hide the real outcome of the run
                     log.warning("wandb did not finish cleanly: %s", e)
@@ -272,66 +267,10 @@ def _new_run_id() -> str:
 
 def _wandb_row(kind: str, values: dict[str, Any]) -> dict[str, Any]:
     """A record as wandb keys: numeric fields as 'kind/key'; an event also as 'event/NAME' = 1."""
-    data = {f"{kind}/{k}": v for k, v in values.items() if _is_number(v)}
+    data = {f"{kind}/{k}": v for k, v in values.items() if is_number(v)}
     if kind == "event":
         data[f"event/{values.get('event', 'unknown')}"] = 1
     return data
-
-
-def last_wandb_step(wandb_dir: Path, run_id: str) -> int:
-    """The highest history step in run ``run_id``'s transaction logs under ``wandb_dir`` (-1: none).
-
-    Every attempt of a run writes its own ``offline-run-TIME-ID/run-ID.wandb`` (``run-TIME-ID`` online);
-    what ``wandb sync`` would upload from them is what wandb has.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    last = -1
-    for path in Path(wandb_dir).glob(f"*run-*-{run_id}/run-{run_id}.wandb"):
-        for payload in wandb_log_records(path.read_bytes()):
-            record = pb.Record()
-            record.ParseFromString(payload)
-            if record.HasField("history"):
-                last = max(last, record.history.step.num)
-    return last
-
-
-_WANDB_LOG_BLOCK = 32768
-_WANDB_CHUNK_HEADER = 7  # crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last)
-
-
-def wandb_log_records(data: bytes) -> Iterator[bytes]:
-    """The record payloads of a wandb transaction log (``run-ID.wandb``), up to the first bad chunk.
-
-    Layout (LevelDB's log format): a 7-byte header (':W&B', magic 0xBEE1, version), then 32 KiB blocks of
-    chunks, each a 7-byte chunk header and its bytes; the crc covers the type byte and the bytes. A process
-    killed mid-write leaves a short or unwritten tail, which ends the scan.
-    """
-    if data[:4] != b":W&B":
-        return
-    pos, payload = 7, b""
-    while pos + _WANDB_CHUNK_HEADER <= len(data):
-        room = _WANDB_LOG_BLOCK - pos % _WANDB_LOG_BLOCK
-        if room < _WANDB_CHUNK_HEADER:  # no room for a chunk header: the block is padded with zeroes
-            pos += room
-            continue
-        crc, length, kind = struct.unpack_from("<IHB", data, pos)
-        end = pos + _WANDB_CHUNK_HEADER + length
-        if kind not in (1, 2, 3, 4) or end > len(data) or zlib.crc32(data[pos + 6:end]) != crc:
-            return
-        chunk = data[pos + _WANDB_CHUNK_HEADER:end]
-        pos = end
-        payload = chunk if kind in (1, 2) else payload + chunk
-        if kind in (1, 4):
-            yield payload
-
-
-def _is_attempt_start(record: dict) -> bool:
-    return record.get("kind") == "event" and record.get("event") in ("start", "resume")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -339,198 +278,3 @@ def _ends_with_newline(path: Path) -> bool:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
 
-
-def _last_step(records: list[dict]) -> int:
-    return max((int(r["step"]) for r in records if "step" in r), default=-1)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Parse ``RUN_DIR/metrics.jsonl`` in file order, skipping lines torn by a crash mid-write.
-
-    Raises:
-        FileNotFoundError: naming the metrics file when the run has none.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file: {path}")
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # The last line is torn by any crash mid-write; an earlier one was torn by an earlier attempt.
-            (log.debug if n == len(lines) else log.warning)("%s line %d is torn (crash mid-write?), skipped", path, n)
-    return records
-
-
-def summarize(run_dir: Path) -> dict[str, Any]:
-    """Derive the run's outcome from ``metrics.jsonl``.
-
-    Returns a dict with:
-        epochs_completed: the largest ``epoch`` in val records (epochs completed when the epoch ended).
-        steps_completed: the largest ``step`` in any record.
-        wall_time_s: time of the last record minus the first, downtime between attempts included.
-        restarts_survived: the number of resume events, except those after a ``finished`` event: re-running
-            a finished run (or raising ``train.epochs`` to continue it) is not a restart, and its idle gap
-            is no time lost.
-        time_lost_to_restarts_s: an approximation, summed over resume events, of downtime plus recomputed
-            work. For a resume from the snapshot at step S, it is (resume time - time of the last record before
-            it) + (that time - time of the last earlier record at a step <= S, i.e. when step S was done). The
-            recomputation is timed at the old attempt's speed, and start-up before the resume event counts as
-            downtime.
-        best_val_loss, best_val_epoch: the lowest val_loss and its epoch (None without val records).
-        val_iou/NAME, val_dice/NAME: per-class IoU and Dice of the last val record (None: class absent).
-        world_sizes: the distinct world sizes seen, in order of first appearance.
-    """
-    records = read_metrics(run_dir)
-    vals = [r for r in records if r.get("kind") == "val" and _is_number(r.get("val_loss"))]
-    best = min(vals, key=lambda r: r["val_loss"], default=None)
-    world_sizes: list[int] = []
-    for r in records:
-        if "world_size" in r and r["world_size"] not in world_sizes:
-            world_sizes.append(r["world_size"])
-    times = [r["time"] for r in records if _is_number(r.get("time"))]
-    last = vals[-1] if vals else {}
-    per_class = {f"val_{k}": v for k, v in last.items() if k.startswith(("iou/", "dice/"))}
-    return {
-        **per_class,
-        "epochs_completed": max((int(r.get("epoch", 0)) for r in vals), default=0),
-        "steps_completed": max(_last_step(records), 0),
-        "wall_time_s": (max(times) - min(times)) if times else 0.0,
-        "restarts_survived": len(_restart_indices(records)),
-        "time_lost_to_restarts_s": _time_lost_to_restarts(records),
-        "best_val_loss": best["val_loss"] if best else None,
-        "best_val_epoch": best.get("epoch") if best else None,
-        "world_sizes": world_sizes,
-    }
-
-
-def _is_resume(record: dict) -> bool:
-    return record.get("kind") == "event" and record.get("event") == "resume"
-
-
-def _restart_indices(records: list[dict]) -> list[int]:
-    """Positions of the resume events that continue an attempt which did not finish."""
-    restarts, finished = [], False
-    for i, r in enumerate(records):
-        if _is_resume(r) and not finished:
-            restarts.append(i)
-        if r.get("kind") == "event" and r.get("event") in ("start", "resume", "finished"):
-            finished = r.get("event") == "finished"
-    return restarts
-
-
-def _time_lost_to_restarts(records: list[dict]) -> float:
-    lost = 0.0
-    for i in _restart_indices(records):
-        resume = records[i]
-        if i == 0:
-            continue
-        last_before = records[i - 1]
-        # Walking back, the first record at or below the snapshot step marks when that step was done
-        # (often the 'snapshot' event itself); everything after it was redone by this attempt.
-        done = next((r for r in reversed(records[:i]) if r.get("step", 0) <= resume.get("step", 0)), last_before)
-        downtime = resume["time"] - last_before["time"]
-        recomputed = max(0.0, last_before["time"] - done["time"])
-        lost += downtime + recomputed
-    return lost
-
-
-def write_summary(run_dir: Path, summary: dict) -> dict[str, Any]:
-    """Write ``RUN_DIR/summary.json`` (:func:`summarize` overlaid with ``summary``) and log it for humans.
-
-    Args:
-        run_dir: the run directory holding metrics.jsonl.
-        summary: what only the trainer knows, e.g. final_model and best_snapshot paths; wins over derived keys.
-
-    Returns:
-        The summary as written.
-    """
-    run_dir = Path(run_dir)
-    full = {**summarize(run_dir), **summary}
-    tmp = run_dir / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / SUMMARY_FILE)  # never a half-written summary
-    best = full.get("best_val_loss")
-    log.info(
-        "run summary: %s epochs (%s steps) in %s; survived %d restart(s), ~%s lost to them; best val loss %s%s; "
-        "final model %s; best snapshot %s",
-        full.get("epochs_completed"), full.get("steps_completed"), duration(full.get("wall_time_s", 0.0)),
-        full.get("restarts_survived", 0), duration(full.get("time_lost_to_restarts_s", 0.0)),
-        f"{best:.4f}" if _is_number(best) else "n/a",
-        f" (epoch {full['best_val_epoch']})" if full.get("best_val_epoch") is not None else "",
-        full.get("final_model", "n/a"), full.get("best_snapshot", "n/a") or "n/a")
-    per_class = [(k[len("val_iou/"):], v) for k, v in full.items() if k.startswith("val_iou/")]
-    if per_class:
-        log.info("last validation IoU per class: %s",
-                 ", ".join(f"{name} {v:.3f}" if _is_number(v) else f"{name} -" for name, v in per_class))
-    return full
-
-
-def duration(seconds: float) -> str:
-    """``1h05m00s`` or ``4m30s``."""
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class _TqdmAwareHandler(logging.StreamHandler):
-    """Writes through tqdm so log lines do not break a progress bar on the same terminal."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # noqa: BLE001 - logging's own convention for handler failures
-            self.handleError(record)
-
-
-def setup_logging(run_dir: Path | None, rank: int) -> None:
-    """Configure the ``elastictrain`` loggers for this rank. Idempotent: a second call replaces the first.
-
-    Every line carries the time and ``[rank N]``. Rank 0 logs INFO to stderr and to ``RUN_DIR/train.log``;
-    other ranks log only WARNING and above, to stderr and to ``RUN_DIR/logs/rank{N}.log``. Files are
-    created at their first line, so a quiet rank leaves no file behind.
-    """
-    root = logging.getLogger("elastictrain")
-    for handler in [h for h in root.handlers if getattr(h, "_elastictrain", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    level = logging.INFO if rank == 0 else logging.WARNING
-    handlers: list[logging.Handler] = [_TqdmAwareHandler(sys.stderr)]
-    if run_dir is not None:
-        path = Path(run_dir) / ("train.log" if rank == 0 else f"logs/rank{rank}.log")
-        handlers.append(_LazyDirFileHandler(path))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        handler.setLevel(level)
-        handler._elastictrain = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
-class _LazyDirFileHandler(logging.FileHandler):
-    """Appends to ``path``, creating it (and its directory) only when the first record arrives."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, mode="a", encoding="utf-8", delay=True)
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
-
-
-def progress(iterable: Iterable, total: int, desc: str, cfg: Config, rank: int) -> Iterable:
-    """Wrap ``iterable`` in a tqdm bar on rank 0 when metrics.progress is 'on', or 'auto' on a terminal."""
-    setting = cfg.metrics.progress
-    if rank != 0 or setting == "off" or (setting == "auto" and not sys.stderr.isatty()):
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from elastictrain.errors import EXIT_USER_ERROR, UserError
-from elastictrain.metrics import read_metrics, setup_logging
+from elastictrain.console import setup_logging
+from elastictrain.runlog import read_metrics
 
 log = logging.getLogger(__name__)
 

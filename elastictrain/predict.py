@@ -272,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """``elastictrain predict ...``; returns the exit status."""
-    from elastictrain.metrics import setup_logging
+    from elastictrain.console import setup_logging
 
     try:
         args = _parser().parse_args(argv)

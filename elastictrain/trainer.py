@@ -25,7 +25,10 @@ from elastictrain.export import export_model
 from elastictrain.estimate import RunEstimate
 from elastictrain.faults import FaultInjector
 from elastictrain.snapshot.interval import failure_history
-from elastictrain.metrics import MetricsLogger, progress, read_metrics, write_summary
+from elastictrain.console import progress
+from elastictrain.metrics import MetricsLogger
+from elastictrain.runlog import read_metrics
+from elastictrain.summary import write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption

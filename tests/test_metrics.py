@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from elastictrain.config import Config
-from elastictrain.metrics import (MetricsLogger, last_wandb_step, progress, read_metrics, setup_logging, summarize,
-                                  wandb_log_records, wandb_mode, write_summary)
+from elastictrain.console import progress, setup_logging
+from elastictrain.metrics import MetricsLogger, wandb_mode
+from elastictrain.runlog import read_metrics
+from elastictrain.summary import summarize, write_summary
+from elastictrain.wandb_log import last_wandb_step, wandb_log_records
 from elastictrain.plot import main as plot_main
 from elastictrain.plot import plot_run
 

@@ -18,7 +18,8 @@ from elastictrain.augment import Normalization, SamplePipeline
 from elastictrain.config import Config
 from elastictrain.data import GeneratedDataset
 from elastictrain.estimate import estimate_message, short_run_command
-from elastictrain.metrics import MetricsLogger, read_metrics
+from elastictrain.metrics import MetricsLogger
+from elastictrain.runlog import read_metrics
 from elastictrain.plot import figure
 from elastictrain.predict import predict
 from elastictrain.viz import Example
