@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from elastictrain.config import ALIASES, Config, field_docs, load_config
 from elastictrain.errors import EXIT_USER_ERROR, UserError, user_message
+from elastictrain.osutil import launcher
 
 log = logging.getLogger("elastictrain")
 
@@ -56,7 +56,7 @@ def train(argv: list[str]) -> int:
         if cfg.model.encoder_weights is not None:
             from elastictrain.model import fetch_encoder_weights
 
-            fetch_encoder_weights(cfg.model, int(os.environ.get("LOCAL_RANK", "0")), cfg.dist.timeout_s)
+            fetch_encoder_weights(cfg.model, launcher().local_rank, cfg.dist.timeout_s)
     except (ValueError, FileNotFoundError) as e:
         sys.stderr.write(f"elastictrain: {e}\n")
         return EXIT_USER_ERROR
@@ -87,10 +87,10 @@ def run_training(cfg: Config) -> int:
     # arriving then must become a snapshot at the first step boundary rather than kill the process.
     preemption = Preemption(cfg.preemption)
     preemption.install()
-    if lifeline.launched_by_torchrun():  # an orphan stops through the same path (see lifeline.py)
+    if launcher().by_torchrun:  # an orphan stops through the same path (see lifeline.py)
         stop = signal.Signals[cfg.preemption.signals[0]] if cfg.preemption.signals else signal.SIGTERM
         lifeline.watch_launcher(stop, cfg.preemption.deadline_s)
-    setup_logging(None, int(os.environ.get("RANK", 0)))  # stderr until the run directory is ours
+    setup_logging(None, launcher().rank)  # stderr until the run directory is ours
     ctx = trainer = lock = None
     try:
         ctx = init_distributed(cfg)

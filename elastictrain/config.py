@@ -415,11 +415,9 @@ def _data_problems(data: DataConfig) -> list[str]:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML, atomically (what ``elastictrain predict`` reads back)."""
-    import os
+    from elastictrain.osutil import write_atomic
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from elastictrain import augment, lifeline
 from elastictrain.augment import Normalization, SamplePipeline
 from elastictrain.config import Config, DataConfig
-from elastictrain.dist import DistContext, broadcast_object
+from elastictrain.dist import DistContext, broadcast_object, world_of_one
 from elastictrain.errors import UserError
 from elastictrain.console import progress
 
@@ -545,7 +545,7 @@ def build_datasets(cfg: Config, ctx: DistContext | None = None,
     and, when something is wrong, every rank raises the same UserError at the same moment.
     """
     data, seed = cfg.data, cfg.run.seed
-    ctx = ctx or DistContext(0, 1, 0, torch.device("cpu"), None)
+    ctx = ctx or world_of_one()
     train_pipe, eval_pipe = pipelines(cfg, normalization or Normalization())
     if data.source == "generated":
         return (GeneratedDataset(seed, "train", data.train_samples, data.image_size, data.num_classes, train_pipe),

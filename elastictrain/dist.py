@@ -6,7 +6,6 @@ we are world size 1 with no process group at all, and every helper here works in
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from elastictrain.config import Config
 from elastictrain.device import backend_for, pick_device
 from elastictrain.errors import UserError
+from elastictrain.osutil import launcher
 
 T = TypeVar("T")
 
@@ -43,27 +43,27 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def attempt(self) -> int:
-        """torchrun's restart count on this node (not a global generation; only for logs)."""
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def world_of_one(device: torch.device | None = None) -> DistContext:
+    """World size 1 with no process group (a plain ``python -m elastictrain``, the offline tools), on CPU
+    unless ``device`` says otherwise."""
+    return DistContext(0, 1, 0, device or torch.device("cpu"), None)
 
 
 def init_distributed(cfg: Config) -> DistContext:
     """Join the process group if torchrun launched us; otherwise return a world-size-1 context."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(cfg.train.device, local_rank)
-    if not launched:
-        return DistContext(0, 1, 0, device, None)
+    env = launcher()
+    rank, world = env.rank, env.world_size
+    device = pick_device(cfg.train.device, env.local_rank)
+    if not env.launched:
+        return world_of_one(device)
     backend = backend_for(device, cfg.dist.backend)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return DistContext(rank, world, local_rank, device, backend, ckpt_group, cpu_group)
+    return DistContext(rank, world, env.local_rank, device, backend, ckpt_group, cpu_group)
 
 
 def teardown(ctx: DistContext | None) -> None:

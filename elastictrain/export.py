@@ -6,8 +6,6 @@ Used for RUN_DIR/final_model.pt at the end of a run and by ``elastictrain ckpt e
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 
 from elastictrain.dist import DistContext
 from elastictrain.errors import UserError
+from elastictrain.osutil import atomic_path
 
 
 def check_target(out: Path) -> None:
@@ -44,12 +43,5 @@ def export_model(model: nn.Module, out: Path, ctx: DistContext) -> None:
         return
     out = Path(out)
     check_target(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out, fsync=True) as tmp:
         torch.save({k: v.detach().cpu().contiguous() for k, v in full.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()

@@ -45,11 +45,6 @@ HARD_KILL_AFTER_S = 30.0
 _PR_SET_PDEATHSIG = 1
 
 
-def launched_by_torchrun() -> bool:
-    """torchrun's agent sets TORCHELASTIC_RUN_ID for every worker it starts."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
 def watch_launcher(stop_signal: signal.Signals, deadline_s: float, parent: int | None = None) -> threading.Thread:
     """Start the daemon thread that stops this process when its launcher (``parent``, default the current
     parent process) is gone: ``stop_signal`` to itself at once, SIGKILL ``deadline_s + HARD_KILL_AFTER_S``

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from elastictrain.config import Config, from_dict
 from elastictrain.data import IMAGE_SUFFIXES, bad_class_ids, bad_ids_message, class_names, load_image
 from elastictrain.errors import UserError
 from elastictrain.model import build_model, confusion_stats, encoder_normalization, scores
+from elastictrain.osutil import atomic_path
 from elastictrain.viz import class_index_png
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,8 @@ def _stats(pred: torch.Tensor, truth: torch.Tensor, mask_path: Path, image_path:
 
 
 def _save(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, "PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, "PNG")
 
 
 def _progress(loader: DataLoader, total: int, setting: str) -> Any:

@@ -29,6 +29,7 @@ from types import FrameType
 
 from elastictrain.config import PreemptionConfig
 from elastictrain.dist import DistContext, any_rank
+from elastictrain.osutil import launcher
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Preemption:
         self._previous: dict[int, object] = {}
         # Decided before any handler runs: a handler must not look anything up. Only global rank 0 speaks, so
         # a Ctrl-C under torchrun prints one notice, not one per rank.
-        self._notice = os.environ.get("RANK", "0") == "0"
+        self._notice = launcher().rank == 0
 
     def install(self) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():

@@ -58,6 +58,7 @@ from typing import Callable
 from elastictrain.config import Config
 from elastictrain.dist import DistContext, broadcast_object, on_main_together, raise_together
 from elastictrain.errors import UserError
+from elastictrain.osutil import launcher, proc_stat, process_started, read_text, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +128,6 @@ def decide(holder: Holder, me: Holder, now: float, alive: Callable[[int, str], b
 # ------------------------------------------------------------------------------------- this process
 
 
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat (after the command name), or None (no such process, or not Linux)."""
-    text = _read_text(f"/proc/{pid}/stat")
-    return text.rsplit(")", 1)[1].split() if ")" in text else None
-
-
-def process_started(pid: int) -> str:
-    stat = _proc_stat(pid)
-    return stat[19] if stat else ""  # field 22: start time in clock ticks since boot
-
-
 def process_alive(pid: int, started: str) -> bool:
     """Is ``pid`` running on this machine and the same process that started at ``started``?"""
     try:
@@ -153,7 +136,7 @@ def process_alive(pid: int, started: str) -> bool:
         return False
     except PermissionError:
         pass  # another user's process: alive
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     if stat is None:
         return True  # no /proc (macOS): trust the pid
     return stat[0] not in ("Z", "X") and (not started or stat[19] == started)
@@ -161,12 +144,12 @@ def process_alive(pid: int, started: str) -> bool:
 
 def myself(lease_s: float) -> Holder:
     """This process as a lock holder (heartbeat and token filled in when it takes the lock)."""
-    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    boot = read_text("/proc/sys/kernel/random/boot_id")
     # Without a boot id (not Linux) only the host name tells machines apart.
     machine = f"{boot}/{_pid_namespace()}" if boot else f"host {socket.gethostname()}"
-    job = {"slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-           "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0") if "SLURM_JOB_ID" in os.environ else "",
-           "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID", "")}
+    env = launcher()
+    job = {"slurm_job_id": env.slurm_job_id, "slurm_restart_count": env.slurm_restarts,
+           "torchelastic_run_id": env.torchrun_run_id}
     now = time.time()
     return Holder(socket.gethostname(), machine, os.getpid(), process_started(os.getpid()), job, now, now, lease_s,
                   secrets.token_hex(8))
@@ -322,8 +305,7 @@ class RunLock:
                 else:
                     since = current.since
                     tmp = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
-                    _write_synced(tmp, self._content(since))
-                    os.replace(tmp, self.path)
+                    write_atomic(self.path, self._content(since), fsync=True, tmp=tmp)
                 last_ok = time.monotonic()
             except (OSError, ValueError) as e:
                 if time.monotonic() - last_ok > self.me.lease_s / 2:

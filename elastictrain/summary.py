@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import logging
 from pathlib import Path
 from typing import Any
 
 from elastictrain.console import duration
+from elastictrain.osutil import write_atomic
 from elastictrain.runlog import is_number, last_step, read_metrics
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,7 @@ def write_summary(run_dir: Path, summary: dict) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     full = {**summarize(run_dir), **summary}
-    tmp = run_dir / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(full, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / SUMMARY_FILE)  # never a half-written summary
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(full, indent=2, default=str) + "\n")  # never half-written
     best = full.get("best_val_loss")
     log.info(
         "run summary: %s epochs (%s steps) in %s; survived %d restart(s), ~%s lost to them; best val loss %s%s; "

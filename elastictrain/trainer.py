@@ -6,7 +6,6 @@ import contextlib
 import gc
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +29,7 @@ from elastictrain.metrics import MetricsLogger
 from elastictrain.runlog import read_metrics
 from elastictrain.summary import write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
+from elastictrain.osutil import launcher, process_age
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
 from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everything
@@ -39,19 +39,6 @@ log = logging.getLogger(__name__)
 FINISHED = 0
 PREDICTION_SAMPLES = 4
 """Validation samples drawn in RUN_DIR/predictions/epochNNNNN.png (the first ones of the validation set)."""
-
-
-def process_age() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere since this module was imported)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 3)
-    except (OSError, ValueError, IndexError):
-        return round(time.monotonic() - _IMPORTED, 3)
-
-
-_IMPORTED = time.monotonic()
 
 
 def batch_geometry(batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
@@ -134,12 +121,13 @@ class Trainer:
         if resumed is None:
             return None
         self._after_restore(resumed)
+        env = launcher()
         log.info("resuming from epoch %d step %d (snapshot %s, taken at world size %d, now %d)",
                  resumed.epoch, resumed.step, resumed.path, resumed.world_size, self.ctx.world_size)
         return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": resumed.sample_offset,
                 "snapshot": str(resumed.path), "world_size": self.ctx.world_size,
-                "previous_world_size": resumed.world_size, "attempt": self.ctx.attempt,
-                "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+                "previous_world_size": resumed.world_size, "attempt": env.torchrun_restarts,
+                "restart_count": int(env.slurm_restarts or 0)}
 
     def _failure_history(self) -> tuple[int, float] | None:
         """Rank 0: (failures, hours) this run directory has seen, from metrics.jsonl."""

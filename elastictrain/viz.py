@@ -8,7 +8,6 @@ with PIL alone (no matplotlib in the training process; a grid takes milliseconds
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from elastictrain.augment import Normalization
+from elastictrain.osutil import atomic_path
 
 # tab10 then tab20's lighter shades: distinct at a glance, colour-blind friendlier than a hue wheel.
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -133,9 +133,8 @@ def write_prediction_grid(examples: list[Example], path: Path, class_names: list
                           title: str) -> Path:
     """Write the grid PNG atomically (a viewer or a kill never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    prediction_grid(sorted(examples, key=lambda e: e.index), class_names, ignore_index, title).save(tmp, "PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        prediction_grid(sorted(examples, key=lambda e: e.index), class_names, ignore_index, title).save(tmp, "PNG")
     return path
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from elastictrain.osutil import write_json_atomic
 from elastictrain.snapshot import manifest
 from elastictrain.snapshot.manifest import SnapshotInfo
 
@@ -131,8 +132,8 @@ def test_retention_keeps_newest_rolling_permanent_best_and_incomplete() -> None:
 
 def test_atomic_write_json_replaces_whole_file(tmp_path: Path) -> None:
     target = tmp_path / manifest.BEST
-    manifest.atomic_write_json(target, {"name": "a"})
-    manifest.atomic_write_json(target, {"name": "b"})
+    write_json_atomic(target, {"name": "a"})
+    write_json_atomic(target, {"name": "b"})
     assert json.loads(target.read_text()) == {"name": "b"}
     assert [p.name for p in tmp_path.iterdir()] == [manifest.BEST]
 

@@ -19,6 +19,7 @@ import pytest
 from elastic_util import Jobs
 from elastictrain import runlock
 from elastictrain.errors import UserError
+from elastictrain.osutil import proc_stat
 from elastictrain.runlock import Holder, RunLock, decide, read_lock
 from helpers import ROOT, assert_bitwise_equal, cli_cmd, load_final, run_cli, tiny_args, wait_for
 
@@ -209,7 +210,7 @@ def test_second_command_on_a_run_dir_refuses_and_the_first_is_untouched(referenc
     jobs = Jobs(tmp_path)
     try:
         first = jobs.start(cli_cmd(tiny_args(run_dir, "--debug.fault", "hang@step=2")), "first")
-        wait_for(lambda: (runlock._proc_stat(first.pid) or ["?"])[0] == "T", 120, "the first run to stop after step 2")
+        wait_for(lambda: (proc_stat(first.pid) or ["?"])[0] == "T", 120, "the first run to stop after step 2")
         second = run_cli(tiny_args(run_dir), timeout=120)
         assert second.returncode == 2, second.stdout[-3000:]
         assert f"pid {first.pid} on host {socket.gethostname()} since " in second.stdout

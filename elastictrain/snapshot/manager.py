@@ -49,6 +49,7 @@ from elastictrain.dist import DistContext, all_gather_object, on_main_together, 
 from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
+from elastictrain.osutil import write_json_atomic
 from elastictrain.snapshot.interval import SnapshotClock
 from elastictrain.state import TrainState
 
@@ -413,7 +414,7 @@ class CheckpointManager:
         snapshots = manifest.list_snapshots(self.root)
         best = manifest.best_snapshot(snapshots)
         if best is not None and (manifest.read_best(self.root) or {}).get("name") != best.name:
-            manifest.atomic_write_json(self.root / manifest.BEST, {"name": best.name,
+            write_json_atomic(self.root / manifest.BEST, {"name": best.name,
                                                                    "val_loss": best.commit["val_loss"]})  # type: ignore[index]
         for victim in manifest.retention_victims(snapshots, self.cfg.keep, best.name if best else None):
             shutil.rmtree(victim.path, ignore_errors=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elastictrain.osutil import fsync_dir, write_json_atomic
+
 COMMIT = "COMMIT.json"
 BEST = "BEST.json"
 FORMAT = 2
@@ -83,25 +85,6 @@ def snapshot_id(commit: dict[str, Any]) -> str:
     return commit.get("id") or f"{commit.get('name')}@{commit.get('committed_at')}"
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so a reader sees the old file or the whole new one, never a torn one, even after power loss."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_digest(path: Path, fsync: bool = False) -> str:
     """SHA-256 of a file (about 1.3 GB/s here); optionally fsync it first so the commit outlives a crash."""
     with open(path, "rb") as f:
@@ -130,7 +113,7 @@ def write_commit(snapshot: Path, info: dict[str, Any]) -> dict[str, Any]:
     record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
               "checksum_seconds": round(time.time() - start, 4)}
     record["record_sha256"] = _record_digest(record)
-    atomic_write_json(snapshot / COMMIT, record)
+    write_json_atomic(snapshot / COMMIT, record)
     return record
 
 

@@ -10,14 +10,14 @@ import torch
 
 from elastictrain.snapshot import manifest, proof
 from elastictrain.snapshot.manager import JsonState, ModelState
-from elastictrain.dist import DistContext
+from elastictrain.dist import DistContext, world_of_one
 from elastictrain.snapshot.engines import build_engine
 from elastictrain.state import TrainState
 
 
 def standalone_context() -> DistContext:
     """World size 1 on CPU with no process group: both engines read any snapshot this way."""
-    return DistContext(0, 1, 0, torch.device("cpu"), None)
+    return world_of_one()
 
 
 def snapshots_root(run_dir: Path) -> Path:
