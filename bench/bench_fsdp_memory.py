@@ -69,7 +69,7 @@ def measure(strategy: str, cfg, ctx, image_size: int, workdir: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from elastictrain.snapshot.manager import ModelState, OptimizerState
+    from elastictrain.snapshot.appstate import ModelState, OptimizerState
     from elastictrain.dist import all_gather_object, barrier
     from elastictrain.snapshot.engines import build_engine
     from elastictrain.model import build_model

@@ -562,7 +562,7 @@ def check_cost(runner: Runner, costs: list[Cost]) -> Result:
 
 
 def staging_copy_line(cfg: Any) -> str:
-    """Device-to-host staging of the model and AdamW state as snapshot/manager.py does it, pinned against pageable."""
+    """Device-to-host staging of the model and AdamW state as snapshot/saver.py does it, pinned against pageable."""
     import torch
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 

@@ -74,7 +74,6 @@ def _table(rows: list[list[str]]) -> None:
 
 
 def list_snapshots(args: argparse.Namespace) -> int:
-    from elastictrain.snapshot.engines import build_engine
     from elastictrain.snapshot.offline import snapshots_root
 
     root = snapshots_root(args.run_dir)
@@ -88,7 +87,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
         if snap.complete:
             verified = "not checked"
             if args.verify:
-                problem = manifest.verify(snap.path, snap.commit, build_engine(snap.commit["engine"]).marker)
+                problem = snap.verify()
                 verified = "ok" if problem is None else "DAMAGED"
                 if problem:
                     problems.append(problem)
@@ -113,6 +112,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from elastictrain.snapshot.manifest import Snapshot
     from elastictrain.snapshot.offline import open_snapshot, read_snapshot_state
 
     path: Path = args.snapshot
@@ -125,7 +125,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("engine", commit["engine"]),
         ("tier", commit["tier"]),
         ("committed", datetime.fromtimestamp(commit["committed_at"]).isoformat(timespec="seconds")),
-        ("files", f"{len(commit['files'])}, {manifest.human_size(sum(f['size'] for f in commit['files'].values()))}"),
+        ("files", f"{len(commit['files'])}, {manifest.human_size(Snapshot(path, commit).size)}"),
         ("epoch", f"{state.epoch} completed{mid}"),
         ("step", f"{state.step} optimizer steps"),
         ("val loss", "-" if commit.get("val_loss") is None else f"{commit['val_loss']:.4f}"),

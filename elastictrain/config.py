@@ -337,13 +337,12 @@ def validate(cfg: Config) -> list[str]:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
     }
     p += [f"--{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
-    if cfg.checkpoint.every_minutes != "auto":
-        try:
-            minutes = float(cfg.checkpoint.every_minutes)
-        except ValueError:
-            minutes = -1.0
-        if not (math.isfinite(minutes) and minutes >= 0):
-            p.append(f"--checkpoint.every_minutes: a number of minutes >= 0 or 'auto', got {cfg.checkpoint.every_minutes!r}")
+    from elastictrain.snapshot.interval import EveryMinutes
+
+    try:
+        EveryMinutes.parse(cfg.checkpoint.every_minutes)
+    except ValueError as e:
+        p.append(str(e))
     if not (math.isfinite(cfg.checkpoint.mtbf_hours) and cfg.checkpoint.mtbf_hours > 0):
         p.append(f"--checkpoint.mtbf_hours: must be a number of hours > 0, got {cfg.checkpoint.mtbf_hours}")
     if not cfg.optim.lr > 0:

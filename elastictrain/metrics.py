@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from elastictrain.config import Config, to_dict
-from elastictrain.runlog import METRICS_FILE, is_attempt_start, is_number, last_step, read_metrics
+from elastictrain.runlog import METRICS_FILE, attempts, is_number, last_step, read_metrics
 from elastictrain.wandb_log import last_wandb_step
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class MetricsLogger:
         step = int(fields.pop("step", 0))
         fields.setdefault("world_size", self.world_size)
         # torchrun's 'attempt' restarts at 0 for every re-run command: this counts attempts of the run itself.
-        fields["run_attempt"] = sum(is_attempt_start(r) for r in earlier)
+        fields["run_attempt"] = len(attempts(earlier))
         new_id = self._start_wandb(run_id, earlier, step if resumed else -1)
         self.log("event", step, event="resume" if resumed else "start", **fields)
         return new_id

@@ -15,7 +15,6 @@ from torch import nn
 
 from elastictrain import device as devices
 from elastictrain import viz
-from elastictrain.snapshot.manager import CheckpointManager, ResumeInfo, build_app_state
 from elastictrain.config import Config, save_config, to_dict
 from elastictrain.data import build_loaders, class_names
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
@@ -23,15 +22,14 @@ from elastictrain.errors import UserError
 from elastictrain.export import export_model
 from elastictrain.estimate import RunEstimate
 from elastictrain.faults import FaultInjector
-from elastictrain.snapshot.interval import failure_history
 from elastictrain.console import progress
 from elastictrain.metrics import MetricsLogger
-from elastictrain.runlog import read_metrics
 from elastictrain.summary import write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
 from elastictrain.osutil import launcher, process_age
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
+from elastictrain.snapshot import ResumeInfo, SnapshotManager
 from elastictrain.state import TrainState, capture_rng, restore_rng, seed_everything
 
 log = logging.getLogger(__name__)
@@ -70,7 +68,7 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption | None = None) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run.dir)
         self.state = TrainState(config=to_dict(cfg), world_size=ctx.world_size)
@@ -96,13 +94,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if devices.needs_grad_scaler(ctx.device, self.amp_dtype) else None
         self.loss_fn = SegmentationLoss(cfg.data.ignore_index)
         self.faults = FaultInjector(cfg.debug.fault, self.run_dir, ctx.rank)
-        self.checkpointer = CheckpointManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, to_dict(cfg),
-                                              prepare=self._prepare_snapshot, faults=self.faults,
-                                              on_event=lambda name, step, fields: self.metrics.log(
-                                                  "event", step, event=name, **fields))
-        self.app_state = build_app_state(self.model, self.optimizer, self.scheduler, self.scaler, self.state)
+        self.checkpointer = SnapshotManager(cfg.checkpoint, ctx, self.run_dir, cfg.train.epochs, to_dict(cfg),
+                                            prepare=self._prepare_snapshot, faults=self.faults,
+                                            on_event=lambda name, step, fields: self.metrics.log(
+                                                "event", step, event=name, **fields))
+        self.app_state = self.checkpointer.app_state(self.model, self.optimizer, self.scheduler, self.scaler,
+                                                     self.state)
         self.metrics = MetricsLogger(cfg, self.run_dir, ctx.rank, ctx.world_size)
-        self.preemption = preemption or Preemption(cfg.preemption)
+        self.preemption = preemption
         self.stepped = False
         """Whether this process has completed a training step."""
         self.estimate = RunEstimate(cfg, ctx.device.type, self.steps_per_epoch,
@@ -129,12 +128,6 @@ class Trainer:
                 "previous_world_size": resumed.world_size, "attempt": env.torchrun_restarts,
                 "restart_count": int(env.slurm_restarts or 0)}
 
-    def _failure_history(self) -> tuple[int, float] | None:
-        """Rank 0: (failures, hours) this run directory has seen, from metrics.jsonl."""
-        if not self.ctx.is_main or not (self.run_dir / "metrics.jsonl").exists():
-            return (0, 0.0) if self.ctx.is_main else None
-        return failure_history(read_metrics(self.run_dir))
-
     def _after_restore(self, resumed: ResumeInfo) -> None:
         if resumed.config["optim"]["lr"] != self.cfg.optim.lr:
             self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.scheduler.base_lrs]
@@ -158,8 +151,6 @@ class Trainer:
         run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
         # Only rank 0 talks to wandb, but the train state is a replicated snapshot entry: every rank holds its id.
         self.state.run_id = broadcast_object(self.ctx, run_id)
-        if self.cfg.checkpoint.every_minutes == "auto":
-            self.checkpointer.set_failure_history(*broadcast_object(self.ctx, self._failure_history()), self.state.step)
         self.faults.maybe_fire("start", 0)
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             if not self.train_epoch(epoch):

@@ -286,7 +286,8 @@ def sharded_forward(out: Path, argv: list[str]) -> None:
     it, and (rank 0) save its logits on ``fixed_input()``, its gathered full state and the snapshot's path."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from elastictrain.snapshot.manager import CheckpointManager, ModelState
+    from elastictrain.snapshot import SnapshotManager
+    from elastictrain.snapshot.appstate import ModelState
     from elastictrain.config import load_config
     from elastictrain.dist import init_distributed, teardown
     from elastictrain.model import build_model
@@ -296,7 +297,7 @@ def sharded_forward(out: Path, argv: list[str]) -> None:
     ctx = init_distributed(cfg)
     try:
         model = wrap(build_model(cfg.model, cfg.data.num_classes), "fsdp", ctx)
-        manager = CheckpointManager(cfg.checkpoint, ctx, Path(cfg.run.dir), cfg.train.epochs)
+        manager = SnapshotManager(cfg.checkpoint, ctx, Path(cfg.run.dir), cfg.train.epochs)
         resumed = manager.restore_latest({"model": ModelState(model)})
         assert resumed is not None
         snapshot = resumed.path

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from elastictrain import device as devices
-from elastictrain.snapshot.manager import CheckpointManager, build_app_state
+from elastictrain.snapshot import SnapshotManager
+from elastictrain.snapshot.appstate import build_app_state
 from elastictrain.config import CheckpointConfig, load_config
 from elastictrain.dist import DistContext
 from elastictrain.errors import UserError
@@ -125,7 +126,7 @@ def test_grad_scaler_state_round_trips_through_a_snapshot(tmp_path: Path, engine
     and skip other steps than the uninterrupted run), and the next step scales with them."""
     model, opt, sched, scaler = _scaled_training()
     state = TrainState()
-    mgr = CheckpointManager(CheckpointConfig(engine=engine, mode="async"), WS1, tmp_path, 4)
+    mgr = SnapshotManager(CheckpointConfig(engine=engine, mode="async"), WS1, tmp_path, 4)
     _scaled_step(model, opt, sched, scaler, overflow=True)
     for _ in range(3):
         _scaled_step(model, opt, sched, scaler)
@@ -137,7 +138,7 @@ def test_grad_scaler_state_round_trips_through_a_snapshot(tmp_path: Path, engine
     mgr.close()
 
     fresh_model, fresh_opt, fresh_sched, fresh_scaler = _scaled_training(seed=1)
-    resumed = CheckpointManager(CheckpointConfig(engine=engine), WS1, tmp_path, 4).restore_latest(
+    resumed = SnapshotManager(CheckpointConfig(engine=engine), WS1, tmp_path, 4).restore_latest(
         build_app_state(fresh_model, fresh_opt, fresh_sched, fresh_scaler, TrainState()))
     assert resumed is not None and resumed.step == 4
     assert fresh_scaler.state_dict() == saved

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from elastictrain.snapshot import manifest
-from elastictrain.snapshot.manager import CheckpointManager, build_app_state
+from elastictrain.snapshot import SnapshotManager
+from elastictrain.snapshot.appstate import build_app_state
 from elastictrain.ckpt_cli import main as ckpt_main
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext
@@ -124,7 +125,7 @@ def test_a_read_that_left_tensors_untouched_is_caught_by_the_fingerprints(tmp_pa
 
     model, opt, sched = tiny_training()
     state = TrainState()
-    mgr = CheckpointManager(CheckpointConfig(mode="sync"), WS1, tmp_path, 4)
+    mgr = SnapshotManager(CheckpointConfig(mode="sync"), WS1, tmp_path, 4)
     train_one_step(model, opt, sched)
     state.epoch = state.step = 1
     mgr.maybe_save(build_app_state(model, opt, sched, None, state), state, 1.0)
@@ -159,11 +160,11 @@ def test_signal_before_the_first_step_saves_nothing_and_the_rerun_is_exact(refer
 
 
 def test_epoch_zero_is_not_permanent_and_due_follows_the_settings(tmp_path: Path) -> None:
-    mgr = CheckpointManager(CheckpointConfig(interval=3, permanent_every=5), WS1, tmp_path, total_epochs=11)
+    mgr = SnapshotManager(CheckpointConfig(interval=3, permanent_every=5), WS1, tmp_path, total_epochs=11)
     assert [e for e in range(12) if mgr.due(e)] == [0, 3, 5, 6, 9, 10, 11]
     assert mgr.tier(0, end_of_epoch=True) == "rolling" and mgr.tier(10, end_of_epoch=True) == "permanent"
     assert mgr.tier(10, end_of_epoch=False) == "rolling"  # mid-epoch snapshots are always rolling
-    off = CheckpointManager(CheckpointConfig(mode="off"), WS1, tmp_path, total_epochs=11)
+    off = SnapshotManager(CheckpointConfig(mode="off"), WS1, tmp_path, total_epochs=11)
     assert not any(off.due(e) for e in range(12))
 
 
@@ -234,7 +235,7 @@ def test_unparsable_commit_record_is_moved_aside_not_deleted(tmp_path: Path) -> 
     model, opt, sched = tiny_training()
     state = TrainState()
     app = build_app_state(model, opt, sched, None, state)
-    mgr = CheckpointManager(CheckpointConfig(mode="sync", keep=5), WS1, tmp_path, 4)
+    mgr = SnapshotManager(CheckpointConfig(mode="sync", keep=5), WS1, tmp_path, 4)
     for epoch in (1, 2):
         train_one_step(model, opt, sched)
         state.epoch = state.step = epoch
@@ -242,7 +243,7 @@ def test_unparsable_commit_record_is_moved_aside_not_deleted(tmp_path: Path) -> 
     broken = mgr.root / manifest.snapshot_name(2, 2)
     (broken / manifest.COMMIT).write_text('{"format": 2, "files": {')  # e.g. a disk that lost the tail
     before = tree_digest(broken)
-    resumed = CheckpointManager(CheckpointConfig(), WS1, tmp_path, 4).restore_latest(
+    resumed = SnapshotManager(CheckpointConfig(), WS1, tmp_path, 4).restore_latest(
         build_app_state(*tiny_training(seed=1), None, TrainState()))
     assert resumed is not None and resumed.step == 1
     (aside,) = [p for p, why in manifest.aside_dirs(mgr.root) if why == "damaged"]

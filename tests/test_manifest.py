@@ -11,7 +11,7 @@ import pytest
 
 from elastictrain.osutil import write_json_atomic
 from elastictrain.snapshot import manifest
-from elastictrain.snapshot.manifest import SnapshotInfo
+from elastictrain.snapshot.manifest import Snapshot
 
 MARKER = ".snapshot_metadata"
 
@@ -30,10 +30,10 @@ def make_snapshot(root: Path, epoch: int, step: int, tier: str = "rolling", is_b
     return path
 
 
-def info(name: str, tier: str | None = "rolling", is_best: bool = False) -> SnapshotInfo:
-    """A SnapshotInfo with a minimal commit record (None tier = incomplete) for retention logic."""
+def info(name: str, tier: str | None = "rolling", is_best: bool = False) -> Snapshot:
+    """A Snapshot with a minimal commit record (None tier = incomplete) for retention logic."""
     commit = None if tier is None else {"tier": tier, "is_best": is_best, "files": {}}
-    return SnapshotInfo(Path("/nowhere") / name, commit)
+    return Snapshot(Path("/nowhere") / name, commit)
 
 
 def test_names_round_trip_and_order_by_step() -> None:

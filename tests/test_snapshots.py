@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from elastictrain.snapshot import manifest, proof
-from elastictrain.snapshot.manager import CheckpointManager, JsonState, build_app_state
+from elastictrain.snapshot import SnapshotManager
+from elastictrain.snapshot.appstate import JsonState, build_app_state
 from elastictrain.ckpt_cli import main as ckpt_main
 from elastictrain.config import CheckpointConfig, from_dict
 from elastictrain.dist import DistContext
@@ -49,8 +50,8 @@ class TensorBag:
                 self.tensors[k].copy_(v)
 
 
-def manager(tmp_path: Path, engine: str, total_epochs: int = 10, **cfg: Any) -> CheckpointManager:
-    return CheckpointManager(CheckpointConfig(engine=engine, **cfg), WS1, tmp_path, total_epochs)
+def manager(tmp_path: Path, engine: str, total_epochs: int = 10, **cfg: Any) -> SnapshotManager:
+    return SnapshotManager(CheckpointConfig(engine=engine, **cfg), WS1, tmp_path, total_epochs)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

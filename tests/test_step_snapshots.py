@@ -18,7 +18,8 @@ from torch import nn
 
 from elastic_util import kill_tree
 from elastictrain.snapshot import manifest
-from elastictrain.snapshot.manager import CheckpointManager, ModelState, OptimizerState
+from elastictrain.snapshot import SnapshotManager
+from elastictrain.snapshot.appstate import ModelState, OptimizerState
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext
 from elastictrain.snapshot.engines import build_engine
@@ -116,7 +117,7 @@ def test_the_next_forward_and_optimizer_step_never_leak_into_the_snapshot(tmp_pa
         opt.step()
         opt.zero_grad()
 
-    mgr = CheckpointManager(CheckpointConfig(engine=engine, every_steps=1), WS1, tmp_path, 10)
+    mgr = SnapshotManager(CheckpointConfig(engine=engine, every_steps=1), WS1, tmp_path, 10)
     app = {"model": ModelState(model), "optim": OptimizerState(model, opt)}
     step()
     state = TrainState(step=1, sample_offset=16)

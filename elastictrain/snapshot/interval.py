@@ -12,7 +12,8 @@ failure (the snapshots' cost, plus the work since the last one) when failures ar
 
 Everything here is pure: the clock is passed in, so the decisions are unit-tested with a fake one. The
 decision at a step boundary is each rank's own; the trainer agrees on it across ranks in the collective
-it already makes there (any rank due means every rank snapshots), so the ranks never disagree.
+it already makes there (any rank due means every rank snapshots), so the ranks never disagree. The
+failure history is read by the manager when it restores (rank 0, from metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
+
+from elastictrain.runlog import attempts
 
 MIN_AUTO_S = 10.0
 """The shortest automatic interval: below it, snapshots would follow each other as fast as they are written."""
@@ -39,28 +42,50 @@ def estimated_mtbf_hours(prior_hours: float, failures: int, hours_observed: floa
     return (prior_hours + hours_observed) / (1 + failures)
 
 
-def failure_history(records: list[dict[str, Any]]) -> tuple[int, float]:
+def failure_history(records: list[dict[str, Any]], ongoing: bool = True) -> tuple[int, float]:
     """(failures, hours observed) from a run's metrics.jsonl records.
 
-    An attempt starts at a start/resume event. Every attempt but the last (the one starting now may not have
-    logged yet) is a failure unless it logged 'preempted' or 'finished'. Hours observed: the time each attempt
-    spent from its first to its last record (a finished run re-run later adds no idle time)."""
-    attempts: list[list[dict[str, Any]]] = []
-    for r in records:
-        if r.get("kind") == "event" and r.get("event") in ("start", "resume"):
-            attempts.append([])
-        if attempts:
-            attempts[-1].append(r)
+    An attempt starts at a start/resume event (runlog.attempts). An attempt is a failure unless it logged
+    'preempted' or 'finished', except the last one when ``ongoing`` (it is this process's, still running).
+    Hours observed: the time each attempt spent from its first to its last record (a finished run re-run
+    later adds no idle time)."""
+    runs = attempts(records)
     failures = 0
     seconds = 0.0
-    for i, attempt in enumerate(attempts):
+    for i, attempt in enumerate(runs):
         times = [r["time"] for r in attempt if isinstance(r.get("time"), (int, float))]
         if len(times) > 1:
             seconds += max(times) - min(times)
         ended = {r.get("event") for r in attempt if r.get("kind") == "event"}
-        if i < len(attempts) - 1 and not ended & {"preempted", "finished"}:
+        running = ongoing and i == len(runs) - 1
+        if not running and not ended & {"preempted", "finished"}:
             failures += 1
     return failures, seconds / 3600.0
+
+
+@dataclass(frozen=True)
+class EveryMinutes:
+    """``checkpoint.every_minutes`` parsed: 'auto', or a number of minutes (0 = no time-based snapshots)."""
+
+    minutes: float = 0.0
+    auto: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> EveryMinutes:
+        """The one parser of the setting (config validation and the clock both use it).
+
+        Raises:
+            ValueError: naming the flag, for anything but 'auto' or a finite number >= 0.
+        """
+        if text == "auto":
+            return cls(auto=True)
+        try:
+            minutes = float(text)
+        except ValueError:
+            minutes = -1.0
+        if not (math.isfinite(minutes) and minutes >= 0):
+            raise ValueError(f"--checkpoint.every_minutes: a number of minutes >= 0 or 'auto', got {text!r}")
+        return cls(minutes)
 
 
 @dataclass
@@ -69,12 +94,12 @@ class SnapshotClock:
 
     Args:
         every_steps: a snapshot every N optimizer steps; 0 = off.
-        every_minutes: a number of minutes, 'auto', or '0' (off).
+        every_minutes: the parsed setting (its text is parsed once, here).
         mtbf_hours: the prior mean time between failures for 'auto'.
     """
 
     every_steps: int = 0
-    every_minutes: str = "0"
+    every_minutes: EveryMinutes | str = EveryMinutes()
     mtbf_hours: float = 6.0
     failures: int = 0
     hours_observed: float = 0.0
@@ -87,9 +112,13 @@ class SnapshotClock:
     _last_boundary: float | None = None
     _measuring: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.every_minutes, str):
+            self.every_minutes = EveryMinutes.parse(self.every_minutes)
+
     @property
     def auto(self) -> bool:
-        return self.every_minutes == "auto"
+        return self.every_minutes.auto  # type: ignore[union-attr]
 
     @property
     def mtbf_s(self) -> float:
@@ -105,7 +134,7 @@ class SnapshotClock:
         if self.auto:
             cost = self.cost_s
             return young_daly(ASSUMED_COST_S if cost is None else cost, self.mtbf_s)
-        minutes = float(self.every_minutes)
+        minutes = self.every_minutes.minutes  # type: ignore[union-attr]
         return minutes * 60.0 if minutes > 0 else None
 
     def due(self, step: int, now: float) -> bool:

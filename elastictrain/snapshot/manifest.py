@@ -29,7 +29,11 @@ FORMATS = (1, 2)
 """Format 1 has no entry fingerprints (its restores are checked by checksums only)."""
 _NAME = re.compile(r"^epoch(?P<epoch>\d+)-step(?P<step>\d+)$")
 _ASIDE = re.compile(r"^epoch\d+-step\d+\.(?P<why>damaged|superseded)-\d+$")
-_CHUNK = 8 * 1024 * 1024
+
+
+class SnapshotDamaged(ValueError):
+    """A complete snapshot that cannot be read: its files are not the ones committed, its commit record is
+    hurt, or an entry does not hold what was saved. A resume moves it aside and tries the previous one."""
 
 
 def snapshot_name(epoch: int, step: int) -> str:
@@ -49,7 +53,9 @@ def parse_name(name: str) -> tuple[int, int]:
 
 
 @dataclass
-class SnapshotInfo:
+class Snapshot:
+    """One snapshot directory and its commit record: what discovery, retention, restore and ``ckpt`` see."""
+
     path: Path
     commit: dict[str, Any] | None
     """The parsed commit record, or None when the snapshot is incomplete or its record is damaged."""
@@ -78,6 +84,28 @@ class SnapshotInfo:
         if self.problem is not None:
             return "damaged"
         return self.commit["tier"] if self.commit else "incomplete"
+
+    @classmethod
+    def at(cls, path: Path) -> Snapshot:
+        """The snapshot in directory ``path``, complete or not."""
+        return cls(Path(path), *_load_commit(Path(path)))
+
+    @property
+    def engine(self) -> str:
+        """The engine that wrote it (a complete snapshot's record names it; a restore reads with that one)."""
+        return self.commit["engine"]  # type: ignore[index]
+
+    @property
+    def size(self) -> int:
+        """Bytes of its files, as committed."""
+        return sum(f["size"] for f in self.commit["files"].values())  # type: ignore[index]
+
+    def verify(self, checksums: bool = True) -> str | None:
+        """None when a complete snapshot's files are exactly the committed ones (see :func:`verify`), else
+        what is wrong, naming the file."""
+        from elastictrain.snapshot.engines import ENGINES
+
+        return verify(self.path, self.commit, ENGINES[self.engine].marker, checksums)  # type: ignore[arg-type]
 
 
 def snapshot_id(commit: dict[str, Any]) -> str:
@@ -193,11 +221,11 @@ def verify(snapshot: Path, commit: dict[str, Any], marker: str, checksums: bool 
         return next((p for p in pool.map(check, largest_first) if p), None)
 
 
-def list_snapshots(root: Path) -> list[SnapshotInfo]:
+def list_snapshots(root: Path) -> list[Snapshot]:
     """Every snapshot directory under ``root``, newest (highest step) first, complete or not."""
     if not root.is_dir():
         return []
-    infos = [SnapshotInfo(p, *_load_commit(p)) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
+    infos = [Snapshot(p, *_load_commit(p)) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
     return sorted(infos, key=lambda i: i.order, reverse=True)
 
 
@@ -208,7 +236,7 @@ def read_best(root: Path) -> dict[str, Any] | None:
         return None
 
 
-def best_snapshot(snapshots: list[SnapshotInfo]) -> SnapshotInfo | None:
+def best_snapshot(snapshots: list[Snapshot]) -> Snapshot | None:
     """The newest complete snapshot whose commit record says it was the best so far.
 
     The commit records, not BEST.json, are the truth: a crash between a commit and the BEST.json
@@ -216,7 +244,7 @@ def best_snapshot(snapshots: list[SnapshotInfo]) -> SnapshotInfo | None:
     return next((s for s in snapshots if s.complete and s.commit.get("is_best")), None)  # type: ignore[union-attr]
 
 
-def retention_victims(snapshots: list[SnapshotInfo], keep: int, best: str | None) -> list[SnapshotInfo]:
+def retention_victims(snapshots: list[Snapshot], keep: int, best: str | None) -> list[Snapshot]:
     """Complete rolling snapshots beyond the newest ``keep`` (``snapshots`` newest first, as from
     :func:`list_snapshots`); permanent ones, ``best`` and incomplete ones are never victims."""
     rolling = [s for s in snapshots if s.complete and s.commit["tier"] == "rolling"]  # type: ignore[index]

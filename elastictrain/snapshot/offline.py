@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from elastictrain.snapshot import manifest, proof
-from elastictrain.snapshot.manager import JsonState, ModelState
+from elastictrain.snapshot.appstate import JsonState, ModelState
 from elastictrain.dist import DistContext, world_of_one
-from elastictrain.snapshot.engines import build_engine
+from elastictrain.snapshot.engines import EngineReadError, build_engine
+from elastictrain.snapshot.manifest import Snapshot, SnapshotDamaged
 from elastictrain.state import TrainState
 
 
@@ -35,42 +36,39 @@ def open_snapshot(path: Path, verify: bool = True) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such directory.
-        ValueError: incomplete (no commit record), or damaged; the message names the file.
+        SnapshotDamaged: damaged; the message names the file.
+        ValueError: incomplete (no commit record).
     """
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such snapshot directory")
-    commit = manifest.read_commit(path)
-    if commit is None:
-        problem = manifest.commit_problem(path)
-        if problem:
-            raise ValueError(f"{path}: snapshot is damaged: {problem}")
+    snap = Snapshot.at(path)
+    if snap.commit is None:
+        if snap.problem:
+            raise SnapshotDamaged(f"{path}: snapshot is damaged: {snap.problem}")
         raise ValueError(f"{path}: not a complete snapshot (no {manifest.COMMIT}); refusing to read it")
-    if verify:
-        problem = manifest.verify(path, commit, build_engine(commit["engine"]).marker)
-        if problem:
-            raise ValueError(f"{path}: snapshot is damaged: {problem}")
-    return commit
+    problem = snap.verify() if verify else None
+    if problem:
+        raise SnapshotDamaged(f"{path}: snapshot is damaged: {problem}")
+    return snap.commit
 
 
 def read_proven(path: Path, commit: dict[str, Any], app_state: dict[str, Any]) -> None:
     """Read ``app_state`` (a subset of what was saved) from the snapshot and prove every entry was read.
 
     Raises:
-        ValueError: the engine failed, or an entry does not hold what was saved; the message says which.
+        SnapshotDamaged: the engine failed, or an entry does not hold what was saved; the message says which.
     """
-    from elastictrain.snapshot.engines import EngineReadError
-
     try:
         build_engine(commit["engine"]).read(path, app_state, standalone_context())
     except EngineReadError as e:
-        raise ValueError(f"{path}: snapshot is damaged: {e}") from None
+        raise SnapshotDamaged(f"{path}: snapshot is damaged: {e}") from None
     if "entries" in commit:
         complete, partial = proof.local_record({k: v.state_dict() for k, v in app_state.items()})
         problems = proof.differences(commit["entries"], proof.combine(complete, [partial]),
                                      only=tuple(f"{k}/" for k in app_state))
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise ValueError(f"{path}: snapshot is damaged: {'; '.join(problems[:3])}{more}")
+            raise SnapshotDamaged(f"{path}: snapshot is damaged: {'; '.join(problems[:3])}{more}")
 
 
 def read_snapshot_state(path: Path, commit: dict[str, Any]) -> TrainState:
@@ -120,7 +118,7 @@ def clean_plan(root: Path, delete: frozenset[str] = frozenset()) -> list[tuple[P
             plan.append((snap.path, not in_flight, "incomplete", "may still be being written" if in_flight
                          else "no commit record: cut off mid-write"))
         elif not resume_point:
-            problem = manifest.verify(snap.path, snap.commit, build_engine(snap.commit["engine"]).marker)
+            problem = snap.verify()
             resume_point = problem is None
             plan.append((snap.path, False, snap.tier, "newest complete: a resume starts here" if resume_point
                          else f"damaged, left for a resume to move aside: {problem}"))

@@ -1,0 +1,101 @@
+"""Which snapshot a start-up restores: discovery of the newest intact one, the lineage of
+``--checkpoint.resume_from``, and moving snapshots aside (damaged, or of an abandoned branch).
+
+Rank 0's file operations on RUN_DIR/snapshots, with no collectives: the restorer runs them on rank 0 and
+shares the outcome (``dist.on_main_together``), so a failure here is raised on every rank at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from elastictrain.errors import UserError
+from elastictrain.snapshot import manifest
+from elastictrain.snapshot.manifest import Snapshot
+
+log = logging.getLogger(__name__)
+
+Choice = tuple[Snapshot, str]
+"""The snapshot to restore and the identity of the snapshot its lineage started from ('' for none)."""
+
+
+def choose(root: Path, resume_from: str, verify: bool) -> Choice | None:
+    """The snapshot to restore, or None for a fresh start."""
+    root.mkdir(parents=True, exist_ok=True)
+    if resume_from:
+        return choose_given(root, Path(resume_from), verify)
+    snap = newest_intact(root)
+    return None if snap is None else (snap, snap.commit.get("branch_from", ""))  # type: ignore[union-attr]
+
+
+def newest_intact(root: Path) -> Snapshot | None:
+    """The newest complete snapshot that verifies; on the way, incomplete ones are removed (debris of a
+    cut-off write) and damaged ones moved aside."""
+    for snap in manifest.list_snapshots(root):
+        if snap.damaged:
+            move_aside(snap.path, "damaged", snap.problem or "")
+            continue
+        if not snap.complete:
+            log.warning("ignoring incomplete snapshot %s (no commit record); removing it", snap.path)
+            shutil.rmtree(snap.path, ignore_errors=True)
+            continue
+        # Sizes and the file list now (truncation is the usual damage); the checksums are hashed while the
+        # engine reads, on other threads (see restorer.py).
+        problem = snap.verify(checksums=False)
+        if problem is None:
+            return snap
+        move_aside(snap.path, "damaged", problem)
+    return None
+
+
+def move_aside(path: Path, why: str, problem: str) -> None:
+    """Rename a snapshot to NAME.WHY-TIME, kept for a human to look at (never deleted here)."""
+    aside = path.with_name(f"{path.name}.{why}-{int(time.time())}")
+    if why == "damaged":
+        log.error("snapshot %s is damaged: %s; moved to %s and falling back to the previous one",
+                  path.name, problem, aside.name)
+    path.rename(aside)
+
+
+def choose_given(root: Path, path: Path, verify: bool) -> Choice:
+    """``--checkpoint PATH``: the starting point of a lineage, once. Kept in an sbatch script or a torchrun
+    command, it must not rewind every restart: when the run directory's newest intact snapshot descends
+    from PATH, continue from that one. Otherwise PATH it is (or an error, never a silent fallback), and
+    newer snapshots of the branch being abandoned are moved aside (not deleted), or discovery and retention
+    would mistake them for this run's newest."""
+    given = Snapshot.at(path)
+    if given.commit is None:
+        raise UserError(f"--checkpoint.resume_from: {path} is not a complete snapshot "
+                        f"({given.problem or f'no {manifest.COMMIT}'})")
+    origin = manifest.snapshot_id(given.commit)
+    newest = newest_intact(root)
+    if newest is not None and newest.path.resolve() != path.resolve() \
+            and newest.commit.get("branch_from") == origin:  # type: ignore[union-attr]
+        log.info("--checkpoint.resume_from %s: this run already continued from it; continuing from its newest "
+                 "snapshot %s", path, newest.name)
+        return newest, origin
+    problem = verified(given, verify)
+    if problem:
+        raise UserError(f"--checkpoint.resume_from: snapshot is damaged: {problem}")
+    order = (given.commit["step"], given.commit["epoch"])
+    for snap in manifest.list_snapshots(root):
+        if snap.order > order and snap.path.resolve() != path.resolve():
+            log.warning("resuming from the older %s: moving the newer snapshot %s aside", path, snap.name)
+            move_aside(snap.path, "superseded", "")
+    return given, origin
+
+
+def verified(snap: Snapshot, verify: bool) -> str | None:
+    """The manifest check of ``snap`` when ``verify`` (on by default: ~1.2 GB/s here, see
+    bench/bench_snapshots.py): None when intact, else what is wrong."""
+    if not verify:
+        return None
+    start = time.perf_counter()
+    problem = snap.verify()
+    if problem is None:
+        log.info("verified snapshot %s: %d files, %s in %.2fs", snap.name, len(snap.commit["files"]),  # type: ignore[index]
+                 manifest.human_size(snap.size), time.perf_counter() - start)
+    return problem

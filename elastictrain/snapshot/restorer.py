@@ -1,0 +1,175 @@
+"""The restore side: restore the newest snapshot that is complete, intact and of this model, prove that
+every entry was read, and fall back to the previous snapshot when any of that fails.
+
+Every rank reads; rank 0 alone discovers (discovery.py) and checks the files' checksums, on other threads
+while the engine reads. Whether a snapshot is damaged is voted on by every rank at once, with the first
+failing rank's reasons, so no rank falls back alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from elastictrain.config import CheckpointConfig
+from elastictrain.dist import DistContext, all_gather_object, on_main_together
+from elastictrain.errors import UserError
+from elastictrain.faults import FaultInjector
+from elastictrain.snapshot import discovery, manifest, proof
+from elastictrain.snapshot.appstate import JsonState
+from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, build_engine
+from elastictrain.snapshot.manifest import Snapshot, SnapshotDamaged
+from elastictrain.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResumeInfo:
+    """Where a restored run continues (the trainer's TrainState holds the same counters)."""
+
+    path: Path
+    epoch: int
+    step: int
+    sample_offset: int
+    world_size: int
+    """World size when the snapshot was taken."""
+    config: dict[str, Any]
+    """The config stored in the snapshot."""
+
+
+def model_changes(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings that change the model's tensors, as {setting: (in the snapshot, now)}; empty if none."""
+    changed = {f"model.{k}": (stored.get("model", {}).get(k), v) for k, v in now["model"].items()
+               if k != "encoder_weights" and stored.get("model", {}).get(k) != v}
+    if stored.get("data", {}).get("num_classes") != now["data"]["num_classes"]:
+        changed["data.num_classes"] = (stored.get("data", {}).get("num_classes"), now["data"]["num_classes"])
+    return changed
+
+
+class Restorer:
+    """Restores the newest good snapshot of RUN_DIR/snapshots into the live objects (see the module doc)."""
+
+    def __init__(self, cfg: CheckpointConfig, ctx: DistContext, root: Path, engine: Engine,
+                 run_config: dict[str, Any] | None, faults: FaultInjector | None) -> None:
+        self.cfg, self.ctx, self.root, self.engine = cfg, ctx, root, engine
+        self.run_config = run_config
+        self.faults = faults
+
+    def restore_latest(self, app_state: AppState) -> tuple[ResumeInfo, str] | None:
+        """The restored snapshot's ResumeInfo and lineage (see discovery.Choice); None for a fresh start.
+
+        A snapshot that fails verification or whose restore cannot be proven complete is moved aside as
+        damaged and the previous one is tried. Raises UserError (every rank) for a changed model or a bad
+        ``--checkpoint.resume_from``; RuntimeError when a failed restore left the state half-loaded and no
+        older snapshot restores (the next attempt starts fresh: the damaged ones were moved aside)."""
+        touched = ""
+        while True:
+            found = on_main_together(self.ctx, lambda: discovery.choose(self.root, self.cfg.resume_from,
+                                                                        self.cfg.verify))
+            if found is None:
+                if touched:
+                    raise RuntimeError(f"no snapshot in {self.root} could be restored (the last tried: {touched}); "
+                                       f"the damaged ones were moved aside. Run the same command again to start "
+                                       f"from scratch.")
+                log.info("no snapshot in %s: starting fresh", self.root)
+                return None
+            snap, branch_from = found
+            try:
+                return self._restore(snap, app_state), branch_from
+            except SnapshotDamaged as e:
+                if self.cfg.resume_from and snap.path.resolve() == Path(self.cfg.resume_from).resolve():
+                    raise UserError(f"--checkpoint.resume_from: {snap.path}: {e}") from None  # the user's: not moved
+                touched, reason = str(snap.path), str(e)
+                on_main_together(self.ctx, lambda: discovery.move_aside(snap.path, "damaged", reason))
+
+    def _restore(self, snap: Snapshot, app_state: AppState) -> ResumeInfo:
+        """Every rank: read the TrainState alone, refuse another model, read everything, prove the read;
+        meanwhile rank 0 checks the files' checksums (when ``checkpoint.verify``) on other threads."""
+        engine = self._engine_for(snap)
+        checksums = self._start_checksums(snap)
+        stored = TrainState()
+        try:
+            engine.read(snap.path, {"train": JsonState(stored)}, self.ctx)
+            problems: list[str] = []
+        except (EngineReadError, ValueError) as e:  # ValueError: a TrainState that is not JSON
+            problems = [str(e)]
+        self._agree_on_damage(snap, problems, checksums)
+        self._check_compatible(stored.config, snap.path)  # every rank read the same config: no collective needed
+        if self.faults:
+            self.faults.maybe_fire("restore", 0)
+        try:
+            engine.read(snap.path, app_state, self.ctx)
+        except EngineReadError as e:
+            problems = [str(e)]
+        if not problems and "entries" in snap.commit:  # type: ignore[operator]
+            problems = self._prove_read(snap.commit["entries"], app_state)  # type: ignore[index]
+        if checksums is not None and not problems:
+            problem = checksums.result()
+            problems = [problem] if problem else []
+            if problem is None:
+                log.info("verified snapshot %s: %d files, %s", snap.name, len(snap.commit["files"]),  # type: ignore[index]
+                         manifest.human_size(snap.size))
+        self._agree_on_damage(snap, problems, checksums)
+        state = app_state["train"].state if "train" in app_state else stored
+        return ResumeInfo(snap.path, state.epoch, state.step, state.sample_offset, stored.world_size, stored.config)
+
+    def _start_checksums(self, snap: Snapshot) -> Future | None:
+        """Rank 0, with ``checkpoint.verify``: hash every file against the commit record in the background."""
+        if not (self.cfg.verify and self.ctx.is_main):
+            return None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        future = pool.submit(snap.verify)
+        pool.shutdown(wait=False)
+        return future
+
+    def _agree_on_damage(self, snap: Snapshot, problems: list[str], checksums: Future | None) -> None:
+        """If any rank could not read its part: with the first rank's reasons, raise SnapshotDamaged on every
+        rank when the files are not the ones committed (their checksums, hashed now if they were not being
+        hashed), else RuntimeError: intact files that do not restore are not the snapshot's fault (nothing is
+        moved aside)."""
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        reasons = [r for r in all_gather_object(self.ctx, shown if problems else None) if r]
+        if not reasons:
+            return
+        log.error("restoring snapshot %s failed: %s", snap.name, reasons[0])
+
+        def files_problem() -> str | None:
+            return checksums.result() if checksums is not None else snap.verify()
+
+        damage = on_main_together(self.ctx, files_problem) or ""
+        if not damage:
+            raise RuntimeError(f"snapshot {snap.path} is intact (its files match their checksums) but could not be "
+                               f"restored: {reasons[0]}")
+        raise SnapshotDamaged(damage if damage == reasons[0] else f"{damage} (the restore: {reasons[0]})")
+
+    def _prove_read(self, expected: proof.Record, app_state: AppState) -> list[str]:
+        """Compare every entry's fingerprint after the read with the one recorded at save time."""
+        live = {k: v.state_dict() for k, v in app_state.items()}
+        complete, partial = proof.local_record(live)
+        actual = proof.combine(complete, all_gather_object(self.ctx, partial))
+        return proof.differences(expected, actual, only=tuple(f"{k}/" for k in app_state))
+
+    def _check_compatible(self, stored: dict[str, Any], path: Path) -> None:
+        """Refuse a changed model before anything is loaded or overwritten; warn on changed hyper-parameters."""
+        if self.run_config is None:
+            return
+        changed = model_changes(stored, self.run_config)
+        if changed:
+            shown = ", ".join(f"--{k} {now!r} (snapshot: {was!r})" for k, (was, now) in changed.items())
+            raise UserError(f"the model differs from the one in snapshot {path}: {shown}. Use a new --run.dir to "
+                            f"train a different model, or restore those settings.")
+        for section, key in (("train", "batch_size"), ("optim", "lr")):
+            was, now = stored.get(section, {}).get(key), self.run_config[section][key]
+            if was != now:
+                log.warning("--%s.%s changed on resume: %s in the snapshot, %s now", section, key, was, now)
+
+    def _engine_for(self, snap: Snapshot) -> Engine:
+        name = snap.commit.get("engine", self.engine.name)  # type: ignore[union-attr]
+        if name == self.engine.name:
+            return self.engine
+        log.warning("snapshot %s was written by engine %s; reading it with that engine", snap.name, name)
+        return build_engine(name)

@@ -1,0 +1,192 @@
+"""The save side: copy the state into reused CPU buffers (the only part the training loop waits for), then a
+writer thread has the engine write the copy, fingerprints it, and rank 0 commits it (COMMIT.json, written
+last) and applies retention. One snapshot is in flight at most; its failure is raised on every rank at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+from elastictrain import device as devices
+from elastictrain.config import CheckpointConfig
+from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
+from elastictrain.faults import FaultInjector
+from elastictrain.osutil import write_json_atomic
+from elastictrain.snapshot import manifest, proof
+from elastictrain.snapshot.engines import AppState, Engine, StateDicts
+from elastictrain.snapshot.manifest import Snapshot
+from elastictrain.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class Saver:
+    """Takes snapshots into RUN_DIR/snapshots and commits them (see the module doc).
+
+    Args:
+        prepare: called on every rank right before the state is copied (see the manager).
+    """
+
+    def __init__(self, cfg: CheckpointConfig, ctx: DistContext, root: Path, engine: Engine,
+                 prepare: Callable[[], None] | None, faults: FaultInjector | None) -> None:
+        self.cfg, self.ctx, self.root, self.engine = cfg, ctx, root, engine
+        self.prepare = prepare
+        self.faults = faults
+        self.held_step = -1
+        """Step of the newest snapshot this run holds (restored from, or started); a save there is a no-op."""
+        self._stager: Any = None
+        self._staging: Future | None = None
+        self._writer: threading.Thread | None = None
+        self._writing = ""
+        self._error: BaseException | None = None
+
+    @property
+    def writing(self) -> bool:
+        """A snapshot was started and not yet waited for (it may have been written meanwhile)."""
+        return self._writer is not None
+
+    @property
+    def written(self) -> bool:
+        """The snapshot started last has been written (or failed), and not yet waited for."""
+        return self._writer is not None and not self._writer.is_alive()
+
+    def take(self, app_state: AppState, state: TrainState, record: dict[str, Any], background: bool) -> str:
+        """Snapshot ``state`` at its step, with ``record`` (tier, best, lineage) in its commit record; returns
+        its name once staging started (``background``) or once committed."""
+        self.wait()  # one snapshot in flight at most: the previous one must be committed first
+        name = manifest.snapshot_name(state.epoch, state.step)
+        path = self.root / name
+        on_main_together(self.ctx, lambda: self._clear_target(path))
+        if self.prepare is not None:
+            self.prepare()
+        info = {"name": name, "id": uuid.uuid4().hex, "engine": self.engine.name, "epoch": state.epoch,
+                "step": state.step, "sample_offset": state.sample_offset, "world_size": self.ctx.world_size,
+                **record, "started_at": time.time()}
+        staged = self._stage(app_state)
+        self._staging = staged if isinstance(staged, Future) else None
+        self._writing, self.held_step = name, state.step
+        self._writer = threading.Thread(target=self._write, args=(path, staged, info), name=f"snapshot-{name}",
+                                        daemon=True)
+        self._writer.start()
+        if self.faults:
+            self.faults.maybe_fire("saving", state.step)
+        if not background:
+            self.wait()
+        return name
+
+    def wait_for_staging(self) -> float | None:
+        """Wait until the snapshot being staged has copied the parameters and optimizer state, which the
+        optimizer step is about to change (torchtitan's maybe_wait_for_staging); the seconds waited, or None
+        when nothing was being staged."""
+        if self._staging is None:
+            return None
+        start = time.perf_counter()
+        try:
+            self._staging.result()
+        except Exception:  # noqa: BLE001 - the writer reports it, on every rank at once (wait())
+            pass
+        self._staging = None
+        return time.perf_counter() - start
+
+    def _stage(self, app_state: AppState) -> StateDicts | Future:
+        """Copy the state into CPU buffers kept from one snapshot to the next (reallocating and page-faulting
+        280 MB each time costs ~8x the copy). In async mode the copy runs on the stager's thread while the next
+        step's forward and backward run: what a forward changes (buffers) is copied here first, and the next
+        optimizer step waits for the rest (:meth:`wait_for_staging`)."""
+        background = self.cfg.mode == "async"
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.ctx.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=background, use_non_blocking_copy=cuda))
+        live = self.engine.prepare_for_save({k: getattr(v, "snapshot_state_dict", v.state_dict)()
+                                             for k, v in app_state.items()}, self.ctx)
+        devices.wait_for_queued_work(self.ctx.device)  # the stager's own stream does not wait for the optimizer step
+        return self._stager.stage(live)
+
+    def _clear_target(self, path: Path) -> None:
+        """Rank 0: make room for a new snapshot at ``path``. A directory of that name left by an earlier
+        attempt: an incomplete one is debris and is removed; a complete or damaged one (we resumed from an
+        older snapshot on purpose) is moved aside, never deleted."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            return
+        if manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
+            shutil.rmtree(path)
+            return
+        aside = path.with_name(f"{path.name}.superseded-{int(time.time())}")
+        log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
+        path.rename(aside)
+
+    def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
+        """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
+        fingerprint and the files' checksums in the commit record, then best and retention."""
+        try:
+            if isinstance(staged, Future):
+                staged = staged.result()
+            self.engine.write(path, staged, self.ctx)
+            complete, partial = proof.local_record(staged)
+            # Also the proof that every rank wrote this same snapshot (a rank that decided otherwise would have
+            # written another one): the gather has every rank's step.
+            gathered = all_gather_object(self.ctx, (info["step"], partial), group=self.ctx.ckpt_group)
+            steps, partials = [g[0] for g in gathered], [g[1] for g in gathered]
+            if len(set(steps)) != 1:
+                raise RuntimeError(f"ranks disagree on the snapshot step: {steps}")
+            if self.faults:
+                self.faults.maybe_fire("commit", info["step"])
+            if self.ctx.is_main:
+                # What the benchmark reads back: from the save call to the engine's last byte written.
+                info["write_seconds"] = round(time.time() - info["started_at"], 4)
+                record = manifest.write_commit(path, {**info, "rank_steps": steps,
+                                                      "entries": proof.combine(complete, partials)})
+                log.info("snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
+                         len(record["files"]), manifest.human_size(Snapshot(path, record).size),
+                         record["checksum_seconds"])
+                self._apply_retention()
+            if self.faults:  # here, not on the training thread, so that it is right after the commit
+                self.faults.maybe_fire("saved", info["step"])
+        except BaseException as e:  # surfaced by wait() on the training thread, on every rank
+            self._error = e
+
+    def _apply_retention(self) -> None:
+        """Point BEST.json at the best snapshot (from the commit records), then delete rolling snapshots
+        beyond ``keep``. Snapshots newer than the one just committed belong to an abandoned branch."""
+        snapshots = manifest.list_snapshots(self.root)
+        best = manifest.best_snapshot(snapshots)
+        if best is not None and (manifest.read_best(self.root) or {}).get("name") != best.name:
+            write_json_atomic(self.root / manifest.BEST, {"name": best.name,
+                                                          "val_loss": best.commit["val_loss"]})  # type: ignore[index]
+        for victim in manifest.retention_victims(snapshots, self.cfg.keep, best.name if best else None):
+            shutil.rmtree(victim.path, ignore_errors=True)
+            log.info("retention: removed rolling snapshot %s", victim.name)
+
+    def wait(self) -> None:
+        """Block until the snapshot in flight (if any) is committed on every rank; a failure on any rank is
+        raised on every rank, with the same message."""
+        if self._writer is None:
+            return
+        self._writer.join()
+        self._writer, self._staging = None, None
+        error, self._error = self._error, None
+        if error is not None:
+            error = RuntimeError(f"snapshot {self.root / self._writing} failed: {type(error).__name__}: {error}")
+        raise_together(self.ctx, error)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Give a snapshot in flight ``timeout`` seconds to finish, without any collective: close also runs
+        when the run is failing, and a peer may be gone. An unfinished snapshot is never committed."""
+        if self._writer is not None:
+            self._writer.join(timeout)
+            if self._writer.is_alive():
+                log.warning("snapshot %s still being written at exit; it stays incomplete", self._writing)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
