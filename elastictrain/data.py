@@ -575,7 +575,6 @@ class Loaders:
     val_loader: DataLoader
     train_set: SegmentationDataset
     num_workers: int
-    val_set: SegmentationDataset | None = None
 
     def train_loader(self, epoch: int, sample_offset: int) -> DataLoader:
         """Position the sampler at ``sample_offset`` global samples into ``epoch`` and return a new loader."""
@@ -627,4 +626,4 @@ def build_loaders(cfg: Config, ctx: DistContext, micro_batch: int, accum_steps: 
                             num_workers=cfg.data.num_workers, persistent_workers=False, pin_memory=False,
                             drop_last=False, generator=_torch_generator(cfg.run.seed, _VAL_LOADER),
                             worker_init_fn=_ignore_preemption_signals)
-    return Loaders(sampler, val_loader, train_set, cfg.data.num_workers, val_set)
+    return Loaders(sampler, val_loader, train_set, cfg.data.num_workers)

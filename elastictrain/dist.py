@@ -89,11 +89,6 @@ def all_gather_object(ctx: DistContext, obj: Any, group: Any = None) -> list[Any
     return out
 
 
-def any_rank(ctx: DistContext, flag: bool) -> bool:
-    """True on every rank if it is true on any rank: a collective decision, made collectively."""
-    return any_rank_each(ctx, flag)[0]
-
-
 def any_rank_each(ctx: DistContext, *flags: bool) -> list[bool]:
     """For each flag, True on every rank if it is true on any rank: several decisions in one collective.
 
@@ -119,25 +114,20 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(group=ctx.cpu_group)
 
 
-def raise_together(ctx: DistContext, error: str | BaseException | None) -> None:
+def raise_together(ctx: DistContext, error: BaseException | None) -> None:
     """Raise on every rank if any rank has an error, so no rank waits alone in a collective.
 
     Every rank raises the same message: the first failing rank's. A :class:`UserError` stays one (exit 2),
-    anything else becomes a RuntimeError; a plain string is a user error (the historical use)."""
-    if isinstance(error, BaseException):
-        mine: tuple[bool, str] | None = (isinstance(error, UserError), str(error) or type(error).__name__)
-    else:
-        mine = (True, error) if error else None
+    anything else becomes a RuntimeError."""
+    mine = None if error is None else (isinstance(error, UserError), str(error) or type(error).__name__)
     if not ctx.distributed:
-        if isinstance(error, BaseException):
+        if error is not None:
             raise error
-        if mine:
-            raise UserError(mine[1])
         return
     errors = [e for e in all_gather_object(ctx, mine) if e]
     if errors:
         user, message = errors[0]
-        if isinstance(error, BaseException) and mine == errors[0]:
+        if error is not None and mine == errors[0]:
             raise error  # the rank that failed keeps its own exception and traceback
         raise (UserError if user else RuntimeError)(message)
 

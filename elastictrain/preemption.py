@@ -28,7 +28,6 @@ import time
 from types import FrameType
 
 from elastictrain.config import PreemptionConfig
-from elastictrain.dist import DistContext, any_rank
 from elastictrain.osutil import launcher
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,8 @@ INTERRUPTED_EXIT_CODE = 130
 
 
 class Preemption:
-    """Install with :meth:`install`; ask :meth:`should_stop` at each step boundary (a collective)."""
+    """Install with :meth:`install`; the loop reads :attr:`requested` at each step boundary and agrees on it
+    across ranks in the collective it makes there (Trainer.train_epoch)."""
 
     def __init__(self, cfg: PreemptionConfig) -> None:
         self.cfg = cfg
@@ -96,10 +96,6 @@ class Preemption:
             handler.flush()
         signal.signal(sig, signal.SIG_DFL)
         signal.raise_signal(sig)
-
-    def should_stop(self, ctx: DistContext) -> bool:
-        """True on every rank when any rank got a preemption signal."""
-        return any_rank(ctx, self.requested is not None)
 
     def start_deadline(self) -> threading.Timer:
         """Exit hard if the preemption snapshot overruns its budget: a snapshot that is cut off is never

@@ -69,7 +69,7 @@ def test_a_user_error_found_at_start_up_is_one_line_and_exit_2(tmp_path: Path, f
 # ---------- collectives under a default group that, like NCCL's, has no CPU backend ----------
 COLLECTIVES = """
 import sys, torch, torch.distributed as dist
-from elastictrain.dist import (DistContext, all_gather_object, all_reduce_sum, any_rank, any_rank_each, barrier,
+from elastictrain.dist import (DistContext, all_gather_object, all_reduce_sum, any_rank_each, barrier,
                                broadcast_object, on_main_together, raise_together)
 dist.init_process_group("cuda:gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 try:
@@ -80,7 +80,7 @@ except RuntimeError as e:
 # What init_distributed builds under nccl: a gloo group for the snapshot engine, one for host-side collectives.
 ctx = DistContext(0, 1, 0, torch.device("cpu"), "nccl", dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
 assert all_reduce_sum(ctx, torch.tensor([1.5, 2.0], dtype=torch.float64)).tolist() == [1.5, 2.0]
-assert any_rank(ctx, True) and any_rank_each(ctx, False, True) == [False, True]
+assert any_rank_each(ctx, True) == [True] and any_rank_each(ctx, False, True) == [False, True]
 assert broadcast_object(ctx, {"a": 1}) == {"a": 1} and all_gather_object(ctx, 3) == [3]
 barrier(ctx)
 raise_together(ctx, None)

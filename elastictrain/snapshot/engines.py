@@ -50,17 +50,17 @@ class Engine(Protocol):
 
 
 class _Computed:
-    """A state dict already taken, presented as a Stateful; what is loaded into it is kept in ``loaded``."""
+    """A staged state dict presented as a Stateful, for torchsnapshot's take()."""
 
     def __init__(self, sd: dict[str, Any]) -> None:
         self.sd = sd
-        self.loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.loaded = sd
+        # Never called: take() only reads, but checks isinstance(value, Stateful), a protocol that has this.
+        raise NotImplementedError("a staged state is only written")
 
 
 # ---------- torchsnapshot ----------
