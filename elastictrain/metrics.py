@@ -7,11 +7,14 @@ in between says where the new attempt started). Record kinds:
 - ``train``: epoch, step, loss, lr, sample_offset, world_size
 - ``val``: epoch, step, train_loss, val_loss, iou, dice (micro-averaged over pixels), ``iou/NAME`` and
   ``dice/NAME`` per class (``data.class_names``; null for a class in neither truth nor prediction), world_size
-- ``event``: event in {start, resume, preempted, snapshot, finished, world_size_change} plus its fields;
-  start and resume carry ``run_attempt`` (0 for the first attempt of the run, counting every earlier start or
-  resume in the file) next to torchrun's ``attempt`` (its restart count, 0 again for every re-run command)
+- ``event``: event in {start, resume, preempted, first_step, snapshot_interval, finished} plus its fields
 
-Every record also has ``kind``, ``step`` (optimizer steps completed) and ``time`` (unix seconds).
+Every record has ``kind``, ``step`` and ``time`` (unix seconds). Each counter means one thing in every record:
+``step`` = optimizer steps completed; ``epoch`` = epochs completed (so a train record in the first epoch says
+0, the val record at its end 1); ``sample_offset`` = samples of the epoch in progress already used. Of the
+three attempt counters, ``run_attempt`` (start and resume events) counts this run directory's earlier
+attempts (every start or resume before it in the file); on resume events ``attempt`` is torchrun's restart
+count within one command (0 again for every re-run command) and ``restart_count`` SLURM's requeue count.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class Trainer:
             self.estimate.step_done(self.state.step)
             self.faults.maybe_fire("step", self.state.step)
             if self.state.step % self.cfg.train.log_every == 0:
-                self.log_train(epoch, losses[-self.cfg.train.log_every:])
+                self.log_train(losses[-self.cfg.train.log_every:])
         self.epoch_train_loss = self._finite_mean(losses)
         return True
 
@@ -289,9 +289,9 @@ class Trainer:
             log.warning("could not write %s: %s", path, e)
         self.metrics.log_predictions(self.state.step, self.examples, self.class_names, self.cfg.data.ignore_index)
 
-    def log_train(self, epoch: int, recent: list[float]) -> None:
+    def log_train(self, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
-        self.metrics.log("train", self.state.step, epoch=epoch, loss=loss, lr=self.scheduler.get_last_lr()[0],
+        self.metrics.log("train", self.state.step, epoch=self.state.epoch, loss=loss, lr=self.scheduler.get_last_lr()[0],
                          sample_offset=self.state.sample_offset, world_size=self.ctx.world_size,
                          **devices.memory_peaks(self.ctx.device))
 
