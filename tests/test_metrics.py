@@ -18,7 +18,7 @@ from elastictrain.runlog import read_metrics
 from elastictrain.summary import summarize, write_summary
 from elastictrain.wandb_log import last_wandb_step, wandb_log_records
 from elastictrain.plot import main as plot_main
-from elastictrain.plot import plot_run
+from elastictrain.plot import figure, plot_run
 
 RESUMED = {"epoch": 1, "step": 3, "snapshot": "snapshots/step_3", "world_size": 4, "attempt": 1}
 
@@ -267,6 +267,25 @@ def test_plot_run_writes_a_png_with_the_resume_marked(resumed_run: tuple[Path, s
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_run(tmp_path / "empty")
+
+
+def resume_marks(fig: object) -> list[list[tuple[float, str]]]:
+    """Per axis of a plot: (step, colour) of every dashed vertical line drawn on it."""
+    from matplotlib.colors import to_hex
+
+    return [[(float(line.get_xdata()[0]), to_hex(line.get_color())) for line in ax.get_lines()
+             if line.get_linestyle() == "--"] for ax in fig.axes]  # type: ignore[attr-defined]
+
+
+def test_plot_marks_the_resume_on_every_axis_with_its_label(resumed_run: tuple[Path, str]) -> None:
+    """The marks themselves, not just a PNG: a plot without them must fail here."""
+    from matplotlib.colors import to_hex
+
+    records = read_metrics(resumed_run[0])
+    (resume,) = [r for r in records if r.get("event") == "resume"]
+    fig = figure(records, "title")
+    assert len(fig.axes) == 2 and resume_marks(fig) == [[(resume["step"], to_hex("tab:red"))]] * 2
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"resume 1 at step {resume['step']}, world size 2\u21924"]
 
 
 def test_wandb_mode_goes_online_only_with_a_key() -> None:

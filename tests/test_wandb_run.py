@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from helpers import ROOT, base_env, cli_cmd, kill_group, read_jsonl, tiny_args, wait_for
-from test_metrics import read_wandb_file, wandb_history
+from test_metrics import read_wandb_file, resume_marks, wandb_history
 
 SIGKILLED = -9  # the trainer SIGKILLs itself (--debug.fault sigkill@...)
 
@@ -163,6 +163,14 @@ def test_plot_marks_the_resumes(killed_twice: dict[str, Any]) -> None:
         img.verify()
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (1000, 1000)  # loss, IoU, IoU per class
+    # What that PNG was drawn from: both resumes, dashed, on each of the three axes.
+    from elastictrain.plot import figure
+
+    records = read_jsonl(killed_twice["run_dir"])
+    steps = [float(r["step"]) for r in records if r.get("event") == "resume"]
+    marks = resume_marks(figure(records, "title"))
+    assert len(steps) == 2 and len(marks) == 3
+    assert all([step for step, _ in axis] == steps for axis in marks), (marks, steps)
 
 
 def test_disabled_creates_no_wandb_files_or_process(tmp_path: Path) -> None:
