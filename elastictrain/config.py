@@ -93,6 +93,8 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 20
     """Total epochs to train; raising it on a finished run continues training."""
+    log_every: int = 10
+    """Log a train-loss line every N optimizer steps."""
     batch_size: int = 16
     """GLOBAL batch size per optimizer step, the same at every world size."""
     micro_batch_size: int = 0
@@ -101,26 +103,22 @@ class TrainConfig:
     """'auto' (bf16 autocast on CUDA/MPS where supported, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (CUDA, with GradScaler)."""
     device: str = "auto"
     """'auto' (cuda, then mps, then cpu), 'cpu', 'cuda' or 'mps'."""
-    log_every: int = 10
-    """Log a train-loss line every N optimizer steps."""
 
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"
-    """'auto' (ddp when world size > 1), 'none', 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
     backend: str = "auto"
     """Process-group backend: 'auto' (nccl on CUDA, gloo otherwise), 'gloo' or 'nccl'."""
     timeout_s: float = 300.0
     """Collective timeout: a hung peer fails the job (which torchrun can restart) after this long."""
+    strategy: str = "auto"
+    """'auto' (ddp when world size > 1), 'none', 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
 
 
 @dataclass
 class CheckpointConfig:
     mode: str = "async"
     """'async' (write while training goes on), 'sync' (block until written) or 'off'."""
-    engine: str = "torchsnapshot"
-    """'torchsnapshot' or 'dcp' (torch.distributed.checkpoint)."""
     interval: int = 1
     """Take a snapshot every N epochs."""
     every_steps: int = 0
@@ -135,6 +133,8 @@ class CheckpointConfig:
     """Every N epochs the snapshot is permanent: retention never deletes it. 0 disables."""
     verify: bool = True
     """Verify the checksum manifest of a snapshot before restoring it."""
+    engine: str = "torchsnapshot"
+    """'torchsnapshot' or 'dcp' (torch.distributed.checkpoint)."""
     resume_from: str = ""
     """Snapshot to start this run's lineage from, once (later restarts continue from its newest descendant); empty = the latest complete snapshot in the run directory."""
 
