@@ -76,9 +76,11 @@ class Launcher:
     torchrun_restarts: int
     """TORCHELASTIC_RESTART_COUNT: how often torchrun restarted the group in this command (0 again for every
     new command; not a global generation)."""
+    in_slurm: bool
+    """SLURM_JOB_ID is set: a SLURM job step started us."""
     slurm_job_id: str
-    slurm_restarts: str
-    """SLURM_RESTART_COUNT when in a SLURM job ('0' if SLURM sets none yet), '' outside SLURM."""
+    slurm_restarts: int
+    """SLURM_RESTART_COUNT: how often SLURM requeued this job (0 before the first requeue, and outside SLURM)."""
 
     @property
     def by_torchrun(self) -> bool:
@@ -88,13 +90,12 @@ class Launcher:
 def launcher(environ: Mapping[str, str] | None = None) -> Launcher:
     """This process's launcher, read from ``environ`` (default: the process environment)."""
     env = os.environ if environ is None else environ
-    in_slurm = "SLURM_JOB_ID" in env
     return Launcher(launched="RANK" in env and "WORLD_SIZE" in env, rank=int(env.get("RANK", 0)),
                     world_size=int(env.get("WORLD_SIZE", 1)), local_rank=int(env.get("LOCAL_RANK", 0)),
                     torchrun_run_id=env.get("TORCHELASTIC_RUN_ID", ""),
                     torchrun_restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
-                    slurm_job_id=env.get("SLURM_JOB_ID", ""),
-                    slurm_restarts=env.get("SLURM_RESTART_COUNT", "0") if in_slurm else "")
+                    in_slurm="SLURM_JOB_ID" in env, slurm_job_id=env.get("SLURM_JOB_ID", ""),
+                    slurm_restarts=int(env.get("SLURM_RESTART_COUNT", 0)))
 
 
 # ---------- /proc ----------

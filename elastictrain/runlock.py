@@ -148,7 +148,7 @@ def myself(lease_s: float) -> Holder:
     # Without a boot id (not Linux) only the host name tells machines apart.
     machine = f"{boot}/{_pid_namespace()}" if boot else f"host {socket.gethostname()}"
     env = launcher()
-    job = {"slurm_job_id": env.slurm_job_id, "slurm_restart_count": env.slurm_restarts,
+    job = {"slurm_job_id": env.slurm_job_id, "slurm_restart_count": str(env.slurm_restarts) if env.in_slurm else "",
            "torchelastic_run_id": env.torchrun_run_id}
     now = time.time()
     return Holder(socket.gethostname(), machine, os.getpid(), process_started(os.getpid()), job, now, now, lease_s,

@@ -126,7 +126,7 @@ class Trainer:
         return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": resumed.sample_offset,
                 "snapshot": str(resumed.path), "world_size": self.ctx.world_size,
                 "previous_world_size": resumed.world_size, "attempt": env.torchrun_restarts,
-                "restart_count": int(env.slurm_restarts or 0)}
+                "restart_count": env.slurm_restarts}
 
     def _after_restore(self, resumed: ResumeInfo) -> None:
         if resumed.config["optim"]["lr"] != self.cfg.optim.lr:
