@@ -4,7 +4,7 @@ whatever world size and engine wrote them. Reads are proven like a training rest
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,7 +92,11 @@ def load_snapshot_model(path: Path, verify: bool = True) -> tuple[torch.nn.Modul
     return model, state
 
 
-def clean_plan(root: Path, delete: frozenset[str] = frozenset()) -> list[tuple[Path, bool, str, str]]:
+CleanStep = tuple[Path, bool, str, str]
+"""(path, delete?, tier, why): one line of ``ckpt clean``'s plan."""
+
+
+def clean_plan(root: Path, delete: frozenset[str] = frozenset()) -> list[CleanStep]:
     """What ``ckpt clean`` would do, as (path, delete?, tier, why), newest first.
 
     Never deleted: the newest complete snapshot that verifies (a resume starts there; newer damaged ones are
@@ -104,12 +108,8 @@ def clean_plan(root: Path, delete: frozenset[str] = frozenset()) -> list[tuple[P
     best = manifest.best_snapshot(snapshots)
     newest_complete = next((s.order for s in snapshots if s.complete), None)
     resume_point = False
-    plan: list[tuple[Path, bool, str, str]] = []
-
-    def kept_kind(kind: str, why: str, path: Path, tier: str) -> None:
-        flag = f"--delete-{kind}"
-        plan.append((path, kind in delete, tier, why if kind in delete else f"{why}; {flag} to delete"))
-
+    plan: list[CleanStep] = []
+    kept_kind = _kept_kind(plan, delete)
     for snap in snapshots:
         if snap.damaged:
             kept_kind("damaged", f"damaged: {snap.problem}", snap.path, "damaged")
@@ -128,6 +128,23 @@ def clean_plan(root: Path, delete: frozenset[str] = frozenset()) -> list[tuple[P
             kept_kind("best", f"best (val loss {snap.commit['val_loss']:.4f})", snap.path, snap.tier)
         else:
             plan.append((snap.path, True, snap.tier, "rolling, older than the newest kept"))
+    return plan + _aside_plan(root, delete)
+
+
+def _kept_kind(plan: list[CleanStep], delete: frozenset[str]) -> Callable[[str, str, Path, str], None]:
+    """Adds to ``plan`` a snapshot of a kind kept unless ``delete`` names it, saying which flag deletes it."""
+
+    def kept_kind(kind: str, why: str, path: Path, tier: str) -> None:
+        flag = f"--delete-{kind}"
+        plan.append((path, kind in delete, tier, why if kind in delete else f"{why}; {flag} to delete"))
+
+    return kept_kind
+
+
+def _aside_plan(root: Path, delete: frozenset[str]) -> list[CleanStep]:
+    """The plan for snapshots moved aside (damaged, or superseded by a rewind)."""
+    plan: list[CleanStep] = []
+    kept_kind = _kept_kind(plan, delete)
     for path, why in manifest.aside_dirs(root):
         commit = manifest.read_commit(path) or {}
         tier = commit.get("tier", "unknown")
