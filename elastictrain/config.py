@@ -345,6 +345,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(str(e))
     if not (math.isfinite(cfg.checkpoint.mtbf_hours) and cfg.checkpoint.mtbf_hours > 0):
         p.append(f"--checkpoint.mtbf_hours: must be a number of hours > 0, got {cfg.checkpoint.mtbf_hours}")
+    if not -2**63 <= cfg.run.seed < 2**63:  # torch.manual_seed's range
+        p.append(f"--run.seed: must be a 64-bit signed integer (between -2**63 and 2**63-1), got {cfg.run.seed}")
     if not cfg.optim.lr > 0:
         p.append(f"--optim.lr: must be > 0, got {cfg.optim.lr}")
     if not cfg.run.dir.strip():
@@ -412,11 +414,12 @@ def _data_problems(data: DataConfig) -> list[str]:
     return p
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML, atomically (what ``elastictrain predict`` reads back)."""
+def save_config(cfg: Config | dict[str, Any], path: Path) -> None:
+    """Write a resolved config (or its :func:`to_dict` form) as YAML, atomically (what ``elastictrain predict``
+    reads back)."""
     from elastictrain.osutil import write_atomic
 
-    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=False))
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:

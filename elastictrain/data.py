@@ -18,16 +18,18 @@ from __future__ import annotations
 import abc
 import atexit
 import contextlib
+import hashlib
 import logging
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from elastictrain import augment, lifeline
@@ -316,30 +318,118 @@ class FolderDataset(SegmentationDataset):
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
         image = load_image(image_path)
-        with _reading(mask_path), Image.open(mask_path) as mask:
-            labels = np.asarray(mask, dtype=np.int64)
+        labels = load_mask(mask_path)
+        if labels.shape != tuple(image.shape[1:]):  # changed since the scan, or EXIF the scan could not see
+            raise UserError(size_mismatch_message(mask_path, labels.shape[::-1], image_path, image.shape[:0:-1]))
         bad = bad_class_ids(labels, self.num_classes, self.ignore_index)
         if bad:  # changed since the start-up scan
             raise UserError(bad_ids_message(mask_path, bad, self.num_classes, self.ignore_index))
         return image, torch.from_numpy(labels)
 
 
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_UINT16_MAX = 65535
+
+
 def load_image(path: Path) -> torch.Tensor:
-    """An image file as a uint8 ``3xHxW`` RGB tensor (grey, palette and RGBA images are converted)."""
+    """An image file, upright (its EXIF orientation applied), as a ``3xHxW`` RGB tensor.
+
+    8-bit images of every mode (grey, palette, RGB, RGBA, CMYK, ...) become uint8 RGB. Deeper images become
+    float32 in [0, 1] by a fixed rule, the same for every image, in training, validation and predict (see
+    :func:`pixel_problem` for the ones refused): 16-bit integer images (``I;16``) are divided by 65535, the
+    largest value of their type, as scikit-image's ``img_as_float`` does, so that equal pixel values mean equal
+    brightness in every file; 32-bit integer images (``I``) whose values fit in 16 bits likewise; float images
+    (``F``) are taken as they are when they lie in [0, 1]. A grey image is repeated into three channels.
+
+    Raises:
+        UserError: naming the file, when it cannot be decoded or its pixels have no fixed conversion.
+    """
     with _reading(path), Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"))
+        ImageOps.exif_transpose(image, in_place=True)
+        problem = pixel_problem(image, path)
+        if problem:
+            raise UserError(problem)
+        return _rgb_tensor(image)
+
+
+def _rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """``3xHxW``: uint8 for 8-bit modes, float32 in [0, 1] for the 16- and 32-bit ones."""
+    if image.mode in _UINT16_MODES or image.mode in ("I", "F"):
+        grey = np.asarray(image).astype(np.float32)
+        if image.mode != "F":
+            grey /= _UINT16_MAX
+        return torch.from_numpy(grey)[None].repeat(3, 1, 1)
+    # PIL's own conversion for 8-bit modes; for the deeper ones it clips to 255 (a 12-bit image turns white).
+    rgb = np.asarray(image.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def pixel_problem(image: Image.Image, path: Path) -> str | None:
+    """Why this open image's pixels have no fixed conversion to the model's input, or None.
+
+    Only 32-bit images (modes ``I`` and ``F``) are refused, and only for their values: an integer image with
+    values outside 0..65535, a float image with values outside [0, 1] or not finite. Rescaling each such image
+    by its own range would make one pixel value mean a different brightness in every file (and in predict);
+    the user knows what the values mean, and rescales them once. Decodes the pixels of those modes only.
+    """
+    if image.mode not in ("I", "F"):
+        return None
+    values = np.asarray(image)
+    if image.mode == "F" and not np.isfinite(values).all():
+        return f"{path}: float image (mode F) holds NaN or infinite values; replace them, or remove the file"
+    low, high = (values.min(), values.max()) if values.size else (0, 0)
+    if image.mode == "I" and (low < 0 or high > _UINT16_MAX):
+        return (f"{path}: 32-bit integer image (mode I) with values {low}..{high}; integer images are read as 8 or "
+                "16 bits (values up to 65535): save it as 16-bit, or as float32 scaled to [0, 1]")
+    if image.mode == "F" and (low < 0 or high > 1):
+        return (f"{path}: float image (mode F) with values {low:g}..{high:g}; float images must hold values in "
+                "[0, 1]: rescale it (the same way for every file), or save it as 16-bit")
+    return None
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """A mask file, upright like its image (EXIF orientation applied), as int64 ``HxW`` class ids."""
+    with _reading(path), Image.open(path) as mask:
+        ImageOps.exif_transpose(mask, in_place=True)
+        return np.asarray(mask, dtype=np.int64)
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an open image once its EXIF orientation is applied, from the header alone.
+
+    ``Image.Image.getexif`` rather than the image's own: a PNG's ``getexif`` decodes the whole image to look
+    for EXIF after the pixel data, and the scan reads headers only. Such a late EXIF block is applied when the
+    image is loaded, where :meth:`FolderDataset._load` checks the sizes again.
+    """
+    orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
-    """A file that cannot be decoded (truncated, corrupt, unreadable) becomes a UserError naming it: PIL's
-    own words ('image file is truncated') do not say which of thousands of files it was. The start-up scan
-    reads only the images' headers, so a truncated image is first found here, in a DataLoader worker."""
+    """A file that cannot be decoded (truncated, corrupt, unreadable, too large) becomes a UserError naming it:
+    PIL's own words ('image file is truncated') do not say which of thousands of files it was. The start-up
+    scan reads only the images' headers, so a truncated image is first found here, in a DataLoader worker."""
     try:
         yield
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: PIL's 'broken PNG file'
-        raise UserError(f"{path}: cannot read this image ({type(e).__name__}: {e}); replace or remove it") from None
+        raise UserError(f"{unreadable_message(path, e)}; replace or remove it") from None
+
+
+def unreadable_message(path: Path, error: BaseException, what: str = "image") -> str:
+    """'PATH: not a readable image (why)', with PIL's copy of the path taken out of the why."""
+    why = str(error).replace(f"'{path}'", "").replace(str(path), "").strip(" :") or type(error).__name__
+    if isinstance(error, Image.DecompressionBombError):  # Pillow's guard; a real slide this large needs tiling
+        why = f"{why.rstrip('.')}; split it into tiles or downscale it"
+    return f"{path}: not a readable {what} ({why})"
+
+
+def size_mismatch_message(mask_path: Path, mask_size: tuple[int, ...], image_path: Path,
+                          image_size: tuple[int, ...]) -> str:
+    """'MASK: mask is WxH but its image IMAGE is WxH' (sizes as (width, height), EXIF orientation applied)."""
+    return (f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]}")
 
 
 def bad_class_ids(labels: np.ndarray, num_classes: int, ignore_index: int | None) -> list[int]:
@@ -461,20 +551,24 @@ def find_pairs(root: Path, problems: list[str]) -> list[tuple[Path, Path]]:
 
 
 def check_pair(image_path: Path, mask_path: Path, num_classes: int, ignore_index: int | None) -> str | None:
-    """Why this pair cannot be trained on, or None. Reads the image's header and the whole mask."""
+    """Why this pair cannot be trained on, or None. Reads the image's header (and the pixels of 32-bit images,
+    see :func:`pixel_problem`) and the whole mask; sizes are compared upright (EXIF orientation applied)."""
     try:
         with Image.open(image_path) as image:
-            image_size = image.size
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"{image_path}: not a readable image ({e})"
+            image_size = oriented_size(image)
+            problem = pixel_problem(image, image_path)
+            if problem:
+                return problem
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return unreadable_message(image_path, e)
     try:
         with Image.open(mask_path) as mask:
             if mask.mode not in _SINGLE_CHANNEL_MODES:
                 return (f"{mask_path}: mask has mode {mask.mode}; masks must be single-channel PNGs (grey or "
                         "palette) whose pixel values are class ids")
-            if mask.size != image_size:
-                return (f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-                        f"{image_size[0]}x{image_size[1]}")
+            mask_size = oriented_size(mask)
+            if mask_size != image_size:
+                return size_mismatch_message(mask_path, mask_size, image_path, image_size)
             # getextrema runs in C on the decoded mask; the slow path below only runs on a suspicious mask.
             lowest, highest = mask.getextrema()
             if mask.mode == "1":
@@ -483,8 +577,8 @@ def check_pair(image_path: Path, mask_path: Path, num_classes: int, ignore_index
                 bad = bad_class_ids(np.asarray(mask, dtype=np.int64), num_classes, ignore_index)
                 if bad:
                     return bad_ids_message(mask_path, bad, num_classes, ignore_index)
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"{mask_path}: not a readable mask ({e})"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return unreadable_message(mask_path, e, "mask")
     return None
 
 
@@ -562,6 +656,31 @@ def build_datasets(cfg: Config, ctx: DistContext | None = None,
         return (FolderDataset(scan.train, data.num_classes, train_pipe, data.ignore_index),
                 FolderDataset(scan.val, data.num_classes, eval_pipe, data.ignore_index))
     raise ValueError(f"--data.source: must be one of generated, folder, got {data.source!r}")
+
+
+def sample_order_key(train_set: SegmentationDataset, seed: int) -> dict[str, Any]:
+    """What an epoch's sample order depends on besides the epoch (see :class:`ResumableSampler`): the seed, the
+    number of training samples and, for folder data, which file each index is (a hash of the image names in
+    order, so the same files under another ``--data.root`` keep their order). JSON-able: stored in snapshots."""
+    key: dict[str, Any] = {"seed": seed, "train_samples": len(train_set)}
+    if isinstance(train_set, FolderDataset):
+        names = "\n".join(image.name for image, _ in train_set.pairs)
+        key["train_files_sha256"] = hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()
+    return key
+
+
+def sample_order_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How two :func:`sample_order_key` results differ, each change naming its setting ([] when equal)."""
+    changes = []
+    if before.get("seed") != now.get("seed"):
+        changes.append(f"--run.seed {before.get('seed')} -> {now.get('seed')}")
+    folder = "train_files_sha256" in now or "train_files_sha256" in before
+    if before.get("train_samples") != now.get("train_samples"):
+        what = "training images under --data.root" if folder else "--data.train_samples"
+        changes.append(f"{what} {before.get('train_samples')} -> {now.get('train_samples')}")
+    elif before.get("train_files_sha256") != now.get("train_files_sha256"):
+        changes.append("the training images under --data.root (other file names)")
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------- loaders

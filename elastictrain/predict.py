@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -33,7 +32,8 @@ from elastictrain import device as devices
 from elastictrain.snapshot import manifest
 from elastictrain.augment import SamplePipeline
 from elastictrain.config import Config, from_dict
-from elastictrain.data import IMAGE_SUFFIXES, bad_class_ids, bad_ids_message, class_names, load_image
+from elastictrain.data import (IMAGE_SUFFIXES, bad_class_ids, bad_ids_message, class_names, load_image, load_mask,
+                               size_mismatch_message)
 from elastictrain.errors import UserError
 from elastictrain.model import build_model, confusion_stats, encoder_normalization, scores
 from elastictrain.osutil import atomic_path
@@ -119,21 +119,18 @@ class _Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, tuple[int, int], int, torch.Tensor | None] | str:
-        from PIL import Image
-
         try:
-            image = load_image(self.images[i])
-        except (OSError, SyntaxError, ValueError) as e:
-            return f"{self.images[i]}: not a readable image ({e})"
+            image = load_image(self.images[i])  # its errors name the file already
+        except UserError as e:
+            return str(e)
         size = (int(image.shape[1]), int(image.shape[2]))
         model_input, _ = self.pipeline(image, torch.zeros(size, dtype=torch.int64))
         mask = None
         if self.masks is not None:
             try:
-                with Image.open(self.masks[i]) as m:
-                    mask = torch.from_numpy(np.asarray(m, dtype=np.int64))
-            except (OSError, SyntaxError, ValueError) as e:
-                return f"{self.masks[i]}: not a readable mask ({e})"
+                mask = torch.from_numpy(load_mask(self.masks[i]))  # upright like its image
+            except UserError as e:
+                return str(e)
         return model_input, size, i, mask
 
 
@@ -193,6 +190,7 @@ def predict(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]
     args.output.mkdir(parents=True, exist_ok=True)
     stats = torch.zeros(4, cfg.data.num_classes, dtype=torch.long)
     unreadable: list[str] = []
+    bad_masks: list[str] = []
     with torch.no_grad():
         for batch, sizes, indices, truths, errors in _progress(loader, len(images), args.progress):
             unreadable += errors
@@ -206,27 +204,41 @@ def predict(args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]
                     one = F.interpolate(one, size=size, mode="bilinear", align_corners=False)
                 pred = one.argmax(1)[0].cpu()
                 _save(class_index_png(pred.numpy(), cfg.data.num_classes), args.output / f"{images[i].stem}.png")
-                if truth is not None:
-                    stats += _stats(pred, truth, masks[i], images[i], cfg.data.num_classes, ignore)
+                problem = None if truth is None else _mask_problem(pred, truth, masks[i], images[i],
+                                                                   cfg.data.num_classes, ignore)
+                if problem:
+                    bad_masks.append(problem)
+                elif truth is not None:
+                    stats += confusion_stats(pred[None], truth[None], cfg.data.num_classes, ignore)
     log.info("wrote %d prediction(s) to %s", len(images) - len(unreadable), args.output)
-    if unreadable:  # the others are written; scores over a subset would pass for the whole folder
-        raise UserError(f"{len(unreadable)} file(s) could not be read, so no prediction and no score for them:\n  "
-                        + "\n  ".join(unreadable))
+    _raise_problems(unreadable, bad_masks)
     return (scores(stats, names) if masks is not None else None), names
 
 
-def _stats(pred: torch.Tensor, truth: torch.Tensor, mask_path: Path, image_path: Path, num_classes: int,
-           ignore: int | None) -> torch.Tensor:
+def _raise_problems(unreadable: list[str], bad_masks: list[str]) -> None:
+    """One UserError naming every file that had no prediction or no score: the others are written, and
+    scores over a subset would pass for the whole folder."""
+    parts = []
+    if unreadable:
+        parts.append(f"{len(unreadable)} file(s) could not be read, so no prediction and no score for them:\n  "
+                     + "\n  ".join(unreadable))
+    if bad_masks:
+        parts.append(f"{len(bad_masks)} mask(s) do not fit their image, so no score (the predictions are "
+                     "written):\n  " + "\n  ".join(bad_masks))
+    if parts:
+        raise UserError("\n".join(parts))
+
+
+def _mask_problem(pred: torch.Tensor, truth: torch.Tensor, mask_path: Path, image_path: Path, num_classes: int,
+                  ignore: int | None) -> str | None:
+    """Why this mask cannot score its prediction (channels, size, class ids), or None."""
     if truth.dim() != 2:
-        raise UserError(f"{mask_path}: mask has {truth.shape[-1]} channels; masks must be single-channel PNGs "
-                        "(grey or palette) whose pixel values are class ids")
+        return (f"{mask_path}: mask has {truth.shape[-1]} channels; masks must be single-channel PNGs "
+                "(grey or palette) whose pixel values are class ids")
     if tuple(truth.shape) != tuple(pred.shape):
-        raise UserError(f"{mask_path}: mask is {truth.shape[1]}x{truth.shape[0]} but its image {image_path} is "
-                        f"{pred.shape[1]}x{pred.shape[0]}")
+        return size_mismatch_message(mask_path, truth.shape[::-1], image_path, pred.shape[::-1])
     bad = bad_class_ids(truth.numpy(), num_classes, ignore)
-    if bad:
-        raise UserError(bad_ids_message(mask_path, bad, num_classes, ignore))
-    return confusion_stats(pred[None], truth[None], num_classes, ignore)
+    return bad_ids_message(mask_path, bad, num_classes, ignore) if bad else None
 
 
 def _save(image: Any, path: Path) -> None:

@@ -37,6 +37,8 @@ class TrainState:
     """World size when the snapshot was taken."""
     rng: list[dict[str, Any]] = field(default_factory=list)
     """Every rank's RNG states, gathered so that any world size can restore them."""
+    data_order: dict[str, Any] = field(default_factory=dict)
+    """What defines each epoch's sample order (``data.sample_order_key``): a mid-epoch resume checks it is unchanged."""
 
     def state_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

@@ -16,7 +16,7 @@ from torch import nn
 from elastictrain import device as devices
 from elastictrain import viz
 from elastictrain.config import Config, save_config, to_dict
-from elastictrain.data import build_loaders, class_names
+from elastictrain.data import build_loaders, class_names, sample_order_changes, sample_order_key
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
 from elastictrain.errors import UserError
 from elastictrain.export import export_model
@@ -86,6 +86,7 @@ class Trainer:
         self.class_names = class_names(cfg.data)
         self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
         self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch  # >= 1: the sampler checks
+        self.state.data_order = sample_order_key(self.loaders.train_set, cfg.run.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         total = self.steps_per_epoch * cfg.train.epochs
@@ -109,28 +110,68 @@ class Trainer:
                                     ctx.is_main)
         self.examples: list[viz.Example] = []
         """This validation's prediction samples, gathered on rank 0 (empty elsewhere)."""
-        if ctx.is_main:  # what `elastictrain predict` reads to rebuild the model without asking the user
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+        self.weights_config = to_dict(cfg)
+        """The config the model's weights were trained with: the restored snapshot's until this process steps."""
+        self.data_changed = ""
+        """How the sample order changed since a mid-epoch snapshot, which made its epoch start over (resume event)."""
 
     # ---------- start-up ----------
     def resume(self) -> dict[str, Any] | None:
         """Continue from the latest complete snapshot if there is one; there is no separate resume mode."""
         resumed = self.checkpointer.restore_latest(self.app_state)
+        if resumed is not None:
+            self._after_restore(resumed)
+        self._save_run_config(at_start=True)
         if resumed is None:
             return None
-        self._after_restore(resumed)
         env = launcher()
         log.info("resuming from epoch %d step %d (snapshot %s, taken at world size %d, now %d)",
                  resumed.epoch, resumed.step, resumed.path, resumed.world_size, self.ctx.world_size)
-        return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": resumed.sample_offset,
+        return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": self.state.sample_offset,
                 "snapshot": str(resumed.path), "world_size": self.ctx.world_size,
                 "previous_world_size": resumed.world_size, "attempt": env.torchrun_restarts,
-                "restart_count": env.slurm_restarts}
+                "restart_count": env.slurm_restarts,
+                **({"data_changed": self.data_changed} if self.data_changed else {})}
+
+    def _save_run_config(self, at_start: bool) -> None:
+        """Rank 0: RUN_DIR/config.yaml, what `elastictrain predict` rebuilds the model of final_model.pt from.
+
+        Written only once a start is accepted (a refused one leaves it alone), and then only where it cannot
+        come apart from final_model.pt: at start-up when the run has no final model yet, and beside every new
+        final model, with the config its weights were trained with. A finished run started again with other
+        settings trains nothing, so its final model and config.yaml stay as they were.
+        """
+        if not self.ctx.is_main or (at_start and (self.run_dir / "final_model.pt").exists()):
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(to_dict(self.cfg) if self.stepped or at_start else self.weights_config,
+                    self.run_dir / "config.yaml")
+
+    def _restart_epoch_if_data_changed(self, resumed: ResumeInfo) -> None:
+        """A mid-epoch snapshot continues its epoch only in the same sample order. With another seed or other
+        data (more or fewer samples, other files) offset k of the new order holds other samples, and the rest
+        of the epoch would silently repeat some and skip others; so the epoch starts over in its new order,
+        with a warning. Not refused: data that grows while a requeued job runs is normal, and exit 2 would
+        end the requeue loop. Every rank decides alike (the key comes from the broadcast scan)."""
+        now = sample_order_key(self.loaders.train_set, self.cfg.run.seed)
+        # A snapshot from before the key was stored restores none: the current one stays, nothing to compare.
+        before, self.state.data_order = self.state.data_order, now
+        changed = "; ".join(sample_order_changes(before, now))
+        if not changed or self.state.sample_offset == 0:  # at an epoch boundary the next epoch is new anyway
+            return
+        if self.ctx.is_main:
+            log.warning("the training data changed since the snapshot %s, taken %d samples into epoch %d (%s): "
+                        "continuing there would repeat some samples and skip others, so epoch %d starts over in "
+                        "its new order", resumed.path, self.state.sample_offset, self.state.epoch + 1, changed,
+                        self.state.epoch + 1)
+        self.data_changed = changed
+        self.state.sample_offset = 0
 
     def _after_restore(self, resumed: ResumeInfo) -> None:
+        self.weights_config = resumed.config
         if resumed.config["optim"]["lr"] != self.cfg.optim.lr:
             self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.scheduler.base_lrs]
+        self._restart_epoch_if_data_changed(resumed)
         if self.state.sample_offset % self.loaders.train_sampler.global_batch:
             raise UserError(f"the snapshot {resumed.path} stopped mid-epoch after {self.state.sample_offset} "
                             f"samples, which is not a whole number of --train.batch_size {self.cfg.train.batch_size} "
@@ -338,6 +379,7 @@ class Trainer:
     def finish(self) -> None:
         path = self.run_dir / "final_model.pt"
         export_model(self.model, path, self.ctx)
+        self._save_run_config(at_start=False)
         best = self.state.best_snapshot
         summary = {"epochs": self.state.epoch, "steps": self.state.step, "best_val_loss": self.state.best_val_loss,
                    "final_model": str(path), "best_snapshot": str(self.checkpointer.root / best) if best else "",

@@ -136,3 +136,23 @@ def test_harmful_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--optim.lr: expected a finite number"):
         load_config(["--config", write(tmp_path, "optim:\n  lr: .inf\n")])
     assert load_config(["--config", write(tmp_path, "model:\n  encoder_weights: ~\n")]).model.encoder_weights is None
+
+
+def test_a_seed_torch_cannot_take_is_a_config_error(tmp_path: Path) -> None:
+    """torch.manual_seed takes 64 bits: a larger seed was a traceback (exit 1) at start-up, after the
+    process group; now it is refused with the other config problems (exit 2), from the flag or the YAML."""
+    import subprocess
+    import sys
+
+    for seed in ("99999999999999999999", str(2**63), str(-2**63 - 1)):
+        with pytest.raises(ValueError, match=r"--run.seed: must be a 64-bit signed integer .*got " + seed):
+            load_config(["--run.seed", seed])
+    with pytest.raises(ValueError, match="--run.seed: must be a 64-bit"):
+        load_config(["--config", write(tmp_path, "run:\n  seed: 99999999999999999999\n")])
+    assert load_config(["--run.seed", str(2**63 - 1)]).run.seed == 2**63 - 1
+    assert load_config(["--run.seed", "-5"]).run.seed == -5
+    out = subprocess.run([sys.executable, "-m", "elastictrain", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                          "--run.dir", str(tmp_path / "run"), "--run.seed", "99999999999999999999"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--run.seed: must be a 64-bit signed integer" in out.stderr and "Traceback" not in out.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
 from elastictrain.config import Config
@@ -18,6 +18,9 @@ from elastictrain.data import (
     ValSampler,
     build_datasets,
     build_loaders,
+    load_image,
+    sample_order_changes,
+    sample_order_key,
 )
 from elastictrain.dist import DistContext
 from elastictrain.errors import UserError
@@ -456,3 +459,129 @@ def test_folder_scan_runs_on_rank0_and_every_rank_gets_it(tmp_path: Path) -> Non
     assert good0 == good1 and len(good0["train"]) == 4 and len(good0["val"]) == 1
     assert "error" in bad0 and bad0 == bad1  # the same message on both ranks, raised together
     assert "masks/s3.png" in bad0["error"]
+
+
+# --------------------------------------------------------------------------- image modes, EXIF, the scan's guards
+
+
+def test_deep_images_convert_by_their_type_not_to_white_or_black(tmp_path: Path) -> None:
+    """16-bit integer images are divided by 65535 and float images in [0, 1] taken as they are, in the scan,
+    in training and in validation (PIL's convert('RGB') clipped a 12-bit image to 94% white and a float one
+    to black); float or 32-bit values with no fixed meaning are refused, naming the file and its mode."""
+    rng = np.random.default_rng(0)
+    twelve_bit = rng.integers(0, 4096, (30, 40)).astype(np.uint16)
+    unit_float = rng.random((30, 40), dtype=np.float32)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    written = {"g12": twelve_bit, "t12": twelve_bit, "f32": unit_float}
+    Image.fromarray(twelve_bit).save(tmp_path / "images" / "g12.png")
+    Image.fromarray(twelve_bit).save(tmp_path / "images" / "t12.tif")
+    Image.fromarray(unit_float).save(tmp_path / "images" / "f32.tif")
+    for stem in written:
+        Image.fromarray(rng.integers(0, 3, (30, 40)).astype(np.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+    assert {Image.open(p).mode for p in (tmp_path / "images").iterdir()} == {"I;16", "F"}
+    for stem, values in written.items():
+        path = next((tmp_path / "images").glob(f"{stem}.*"))
+        image = load_image(path)
+        expected = values / 65535 if values.dtype == np.uint16 else values
+        assert image.shape == (3, 30, 40) and image.dtype == torch.float32
+        assert torch.allclose(image, torch.from_numpy(expected.astype(np.float32)).expand(3, -1, -1)), stem
+    train, val = build_datasets(folder_config(tmp_path, augment="none", val_fraction=0.34))
+    for ds in (train, val):  # through the pipeline: never a constant picture
+        for i in range(len(ds)):
+            assert float(ds[(0, i)][0].std()) > 0.05
+
+    Image.fromarray(unit_float * 4000).save(tmp_path / "images" / "f32.tif")  # raw intensities as float
+    Image.fromarray((twelve_bit.astype(np.int32) * 100_000)).save(tmp_path / "images" / "t12.tif")  # 32-bit
+    with pytest.raises(UserError) as err:
+        build_datasets(folder_config(tmp_path))
+    message = str(err.value)
+    assert "2 problem(s)" in message
+    assert f"{tmp_path / 'images' / 'f32.tif'}: float image (mode F) with values" in message
+    assert f"{tmp_path / 'images' / 't12.tif'}: 32-bit integer image (mode I) with values" in message
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "images" / "f32.tif")) + ".*mode F"):
+        load_image(tmp_path / "images" / "f32.tif")  # a file changed after the scan: refused when loaded too
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif.tobytes()
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path: Path) -> None:
+    """A photo stored sideways with EXIF orientation 6 is shown upright by viewers and labelling tools, whose
+    masks are then upright too: the image is turned before its size is checked and before it is used; a mask
+    that carries an orientation of its own is turned by it the same way."""
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)  # 40 wide, 30 high as stored
+    upright = np.asarray(Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270))  # 30 wide, 40 high
+    labels = rng.integers(0, 3, (40, 30)).astype(np.uint8)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("a", "b", "c"):
+        Image.fromarray(stored).save(tmp_path / "images" / f"{stem}.png", exif=_exif(6))
+    Image.fromarray(labels).save(tmp_path / "masks" / "a.png")  # drawn on the upright picture
+    Image.fromarray(labels).save(tmp_path / "masks" / "b.png")
+    sideways = np.asarray(Image.fromarray(labels).transpose(Image.Transpose.ROTATE_90))  # stored like its image
+    Image.fromarray(sideways).save(tmp_path / "masks" / "c.png", exif=_exif(6))
+    assert np.array_equal(load_image(tmp_path / "images" / "a.png").permute(1, 2, 0).numpy(), upright)
+    train, val = build_datasets(folder_config(tmp_path, augment="none", image_size=40, val_fraction=0.34))
+    for ds in (train, val):
+        for i, (image_path, _) in enumerate(ds.pairs):
+            image, mask = ds._load(i)
+            assert image.shape == (3, 40, 30) and np.array_equal(mask.numpy(), labels), image_path
+
+
+def test_decompression_bomb_is_listed_with_the_other_data_problems(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's decompression-bomb guard (an image over twice Image.MAX_IMAGE_PIXELS) raises its own error
+    type: the scan lists it like any unreadable file instead of a traceback, and loading names the file."""
+    for i in range(4):
+        save_pair(tmp_path, f"s{i}", (40, 30))
+    save_pair(tmp_path, "huge", (200, 100))
+    (tmp_path / "masks" / "s1.png").unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 20000 pixels > 2 x 5000: the guard's error
+    with pytest.raises(UserError) as err:
+        build_datasets(folder_config(tmp_path))
+    message = str(err.value)
+    assert "2 problem(s)" in message and "s1.png: no mask" in message
+    assert f"{tmp_path / 'images' / 'huge.png'}: not a readable image (" in message and "decompression" in message
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "images" / "huge.png"))):
+        load_image(tmp_path / "images" / "huge.png")
+
+
+def test_an_unreadable_image_is_named_once_in_one_clean_message(tmp_path: Path) -> None:
+    write_folder(tmp_path)
+    bad = tmp_path / "images" / "sample2.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(UserError) as err:
+        build_datasets(folder_config(tmp_path))
+    (line,) = [line for line in str(err.value).splitlines() if "sample2" in line]
+    assert line.strip() == f"{bad}: not a readable image (cannot identify image file)"
+    with pytest.raises(UserError) as err:
+        load_image(bad)
+    assert str(err.value) == f"{bad}: not a readable image (cannot identify image file); replace or remove it"
+
+
+def test_sample_order_key_names_what_changed(tmp_path: Path) -> None:
+    """What a mid-epoch resume compares: the seed, the number of samples, and for folder data which file
+    each index is."""
+    generated = build_datasets(small_config())[0]
+    key = sample_order_key(generated, SEED)
+    assert sample_order_changes(key, sample_order_key(generated, SEED)) == []
+    assert sample_order_changes(key, sample_order_key(build_datasets(small_config(train_samples=30))[0], SEED)) \
+        == ["--data.train_samples 24 -> 30"]
+    assert sample_order_changes(key, sample_order_key(generated, SEED + 1)) == [f"--run.seed {SEED} -> {SEED + 1}"]
+    for i in range(6):
+        save_pair(tmp_path / "train", f"s{i}", (40, 30))
+    save_pair(tmp_path / "val", "v0", (40, 30))
+    before = sample_order_key(build_datasets(folder_config(tmp_path))[0], SEED)
+    save_pair(tmp_path / "train", "new", (40, 30))
+    assert sample_order_changes(before, sample_order_key(build_datasets(folder_config(tmp_path))[0], SEED)) \
+        == ["training images under --data.root 6 -> 7"]
+    (tmp_path / "train" / "images" / "s0.png").rename(tmp_path / "train" / "images" / "z.png")
+    (tmp_path / "train" / "masks" / "s0.png").rename(tmp_path / "train" / "masks" / "z.png")
+    (tmp_path / "train" / "images" / "new.png").unlink()
+    assert sample_order_changes(before, sample_order_key(build_datasets(folder_config(tmp_path))[0], SEED)) \
+        == ["the training images under --data.root (other file names)"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from elastictrain.augment import Normalization, SamplePipeline
@@ -201,3 +202,65 @@ def test_predict_refuses_bad_requests_in_one_message(reference_runs: dict[int, P
     with pytest.raises(UserError, match=r"1 file\(s\) could not be read.*\n  .*im1.png: not a readable image"):
         run()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["im0.png", "im2.png"]
+
+
+def _predict_args(model: Path, images: Path, out: Path, masks: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(model=model, input=images, output=out, masks=masks, device="cpu", batch_size=2,
+                              num_workers=0, progress="off", no_verify=False)
+
+
+def test_predict_reads_16_bit_float_and_rotated_images(reference_runs: dict[int, Path], tmp_path: Path) -> None:
+    """The same grey picture as 8-bit, 16-bit (I;16) and float32 TIFF (F) reaches the model as the same input
+    (PIL's convert('RGB') made the 16-bit one white and the float one black); a 12-bit picture is predicted,
+    not refused; an image with EXIF orientation 6 is predicted upright, at its upright size."""
+    from elastictrain.augment import Normalization
+    from elastictrain.predict import _Images
+
+    scene, _ = GeneratedDataset(5, "val", 1, 32, 4, SamplePipeline([], 32, Normalization()))._load(0)
+    grey = (scene.mean(0).numpy() * 255).round().astype(np.uint8)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(grey).save(images / "a8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(images / "b16.png")
+    Image.fromarray(grey.astype(np.float32) / np.float32(255)).save(images / "cfloat.tif")
+    Image.fromarray(grey.astype(np.uint16) * 16).save(images / "d12.tif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored sideways, shown turned 90 degrees clockwise
+    Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(images / "erotated.png", exif=exif.tobytes())
+    files = sorted(images.iterdir())
+    inputs = _Images(files, None, SamplePipeline([], 32, Normalization()))
+    a8, b16, cfloat = (inputs[i][0] for i in range(3))
+    assert torch.allclose(a8, b16, atol=1e-5) and torch.allclose(a8, cfloat, atol=1e-5)
+    assert float(inputs[3][0].std()) > 0.01  # 12-bit: a darker picture, not a constant one
+    assert inputs[4][1] == (48, 32)  # (height, width) upright
+
+    assert predict(_predict_args(reference_runs[1], images, tmp_path / "out"))[0] is None
+    for f in files:
+        with Image.open(tmp_path / "out" / f"{f.stem}.png") as p:
+            assert p.size == ((32, 48) if f.stem == "erotated" else (32, 32)), f
+
+
+def test_predict_names_every_bad_mask_and_file_once(reference_runs: dict[int, Path], tmp_path: Path) -> None:
+    """With --masks, every mask that cannot score its image is named (it stopped at the first), the others'
+    predictions are written, and an unreadable image is named once, in one clean message (it was nested:
+    'PATH: not a readable image (PATH: cannot read this image (...))')."""
+    from elastictrain.errors import UserError
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(5):
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    sizes = {"im0": (32, 32), "im1": (30, 32), "im2": (32, 20), "im3": (32, 32), "im4": (32, 32)}
+    for stem, (w, h) in sizes.items():
+        Image.fromarray(np.full((h, w), 9 if stem == "im3" else 1, dtype=np.uint8)).save(masks / f"{stem}.png")
+    (images / "im4.png").write_bytes(b"truncated")
+    with pytest.raises(UserError) as err:
+        predict(_predict_args(reference_runs[1], images, tmp_path / "out", masks))
+    lines = str(err.value).splitlines()
+    assert f"  {images / 'im4.png'}: not a readable image (cannot identify image file); replace or remove it" in lines
+    assert f"  {masks / 'im1.png'}: mask is 30x32 but its image {images / 'im1.png'} is 32x32" in lines
+    assert f"  {masks / 'im2.png'}: mask is 32x20 but its image {images / 'im2.png'} is 32x32" in lines
+    assert any(line.startswith(f"  {masks / 'im3.png'}: mask holds class ids [9]") for line in lines)
+    assert sum(str(images / "im4.png") in line for line in lines) == 1 and "im0" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"im{i}.png" for i in range(4)]
