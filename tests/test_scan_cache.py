@@ -10,6 +10,7 @@ import re
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -335,3 +336,26 @@ def test_persistent_workers_killed_mid_epoch_resume_bitwise(tmp_path: Path) -> N
     assert_bitwise_equal(load_final(reference), load_final(run_dir))
     shares = [r["data_wait"] for r in read_jsonl(run_dir) if r["kind"] == "train"]
     assert shares and all(0.0 <= s <= 1.0 for s in shares)
+
+
+def test_data_wait_share_is_measured_and_advised_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Not a timing claim: a loader that only sleeps makes the loop wait nearly all of the window."""
+    import logging
+
+    from elastictrain.data_wait import DataWait
+
+    def sleepy(n: int) -> Any:
+        for i in range(n):
+            time.sleep(0.02)
+            yield i
+
+    wait = DataWait(num_workers=2, cores=8)
+    caplog.set_level(logging.WARNING)
+    for window in range(3):
+        assert list(wait.timed(sleepy(3))) == [0, 1, 2]
+        share = wait.share()
+        assert 0.5 < share <= 1.0
+        wait.advise(share)
+        assert ("data loading takes" in caplog.text) == (window >= 1), "not on the first window (worker start)"
+    assert caplog.text.count("data loading takes") == 1
+    assert "raise --data.num_workers (now 2; 8 cores per rank)" in caplog.text
