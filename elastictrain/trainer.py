@@ -188,7 +188,8 @@ class Trainer:
         loader = self.loaders.train_loader(epoch, self.state.sample_offset)
         remaining = self.steps_per_epoch - self.state.sample_offset // self.loaders.train_sampler.global_batch
         losses: list[float] = []
-        for batches in progress(self.data_wait.timed(self._steps(loader)), remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
+        steps = self.data_wait.timed(self._steps(loader))  # times each wait for the next step's batches
+        for batches in progress(steps, remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
             # The one collective of a step boundary: a preemption signal, a mid-epoch snapshot due by any
             # rank's clock, or a loss that is no longer finite on any rank means every rank acts on it.
             stop, snapshot, diverged = any_rank_each(self.ctx, self.preemption.requested is not None,
