@@ -71,6 +71,16 @@ def teardown(ctx: DistContext | None) -> None:
         dist.destroy_process_group()
 
 
+def cores_per_rank() -> int:
+    """The CPU cores this process may use (its affinity: a SLURM or container limit counts) shared among the
+    ranks on this host (torchrun's LOCAL_WORLD_SIZE); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every rank (identity at world size 1)."""
     if not ctx.distributed:
