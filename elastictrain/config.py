@@ -55,8 +55,8 @@ class DataConfig:
     """For source=folder: a text file naming the validation images (file name or stem per line); the rest train."""
     augment: Any = "default"
     """Training augmentations (torchvision v2, see elastictrain/augment.py): 'default', 'none', or a list like [hflip, {rotate: {degrees: 30}}]."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    num_workers: int | str = "auto"
+    """DataLoader worker processes per rank (0 loads in the training process); 'auto' = the cores per rank minus the one training uses, at most 8."""
 
 
 @dataclass
@@ -242,7 +242,12 @@ def _coerce(value: Any, tp: Any, flag: str, from_cli: bool) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], flag, from_cli)
+        for tp_ in inner[:-1]:  # int | str: a number when it reads as one, else the word ('auto')
+            try:
+                return _coerce(value, tp_, flag, from_cli)
+            except ValueError:
+                pass
+        return _coerce(value, inner[-1], flag, from_cli)
     if origin is list:
         if from_cli and isinstance(value, str):
             value = [] if value.strip() in ("", "[]") else [v.strip() for v in value.strip("[]").split(",")]
@@ -331,12 +336,15 @@ def validate(cfg: Config) -> list[str]:
     }
     p += [f"--{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     non_negative = {
-        "train.micro_batch_size": cfg.train.micro_batch_size, "data.num_workers": cfg.data.num_workers,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip, "checkpoint.permanent_every": cfg.checkpoint.permanent_every,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
     }
     p += [f"--{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    workers = cfg.data.num_workers
+    if workers != "auto" and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
+        p.append(f"--data.num_workers: a number of worker processes >= 0 or 'auto', got {workers!r}")
     from elastictrain.snapshot.interval import EveryMinutes
 
     try:

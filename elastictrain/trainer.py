@@ -17,6 +17,7 @@ from elastictrain import device as devices
 from elastictrain import viz
 from elastictrain.config import Config, save_config, to_dict
 from elastictrain.data import build_loaders, class_names, sample_order_changes, sample_order_key
+from elastictrain.data_wait import DataWait
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
 from elastictrain.errors import UserError
 from elastictrain.export import export_model
@@ -26,7 +27,7 @@ from elastictrain.console import progress
 from elastictrain.metrics import MetricsLogger
 from elastictrain.summary import write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
-from elastictrain.osutil import launcher, process_age
+from elastictrain.osutil import cores_per_rank, launcher, process_age
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
 from elastictrain.snapshot import ResumeInfo, SnapshotManager
@@ -87,6 +88,7 @@ class Trainer:
         self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
         self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch  # >= 1: the sampler checks
         self.state.data_order = sample_order_key(self.loaders.train_set, cfg.run.seed)
+        self.data_wait = DataWait(self.loaders.num_workers, cores_per_rank())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         total = self.steps_per_epoch * cfg.train.epochs
@@ -208,7 +210,8 @@ class Trainer:
         loader = self.loaders.train_loader(epoch, self.state.sample_offset)
         remaining = self.steps_per_epoch - self.state.sample_offset // self.loaders.train_sampler.global_batch
         losses: list[float] = []
-        for batches in progress(self._steps(loader), remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
+        steps = self.data_wait.timed(self._steps(loader))  # times each wait for the next step's batches
+        for batches in progress(steps, remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
             # The one collective of a step boundary: a preemption signal, a mid-epoch snapshot due by any
             # rank's clock, or a loss that is no longer finite on any rank means every rank acts on it.
             stop, snapshot, diverged = any_rank_each(self.ctx, self.preemption.requested is not None,
@@ -246,7 +249,8 @@ class Trainer:
         """Forward/backward over the micro-batches of one optimizer step, then clip and step."""
         total = 0.0
         for i, (image, mask) in enumerate(batches):
-            image, mask = image.to(self.ctx.device), mask.to(self.ctx.device)
+            # non_blocking: from pinned memory (CUDA) the copy overlaps; elsewhere it is an ordinary copy.
+            image, mask = image.to(self.ctx.device, non_blocking=True), mask.to(self.ctx.device, non_blocking=True)
             # Gradients are reduced across ranks only on the last micro-batch of the step.
             with grad_sync(self.model, enabled=i == len(batches) - 1):
                 with devices.autocast(self.ctx.device, self.amp_dtype):
@@ -332,9 +336,13 @@ class Trainer:
 
     def log_train(self, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
-        self.metrics.log("train", self.state.step, epoch=self.state.epoch, loss=loss, lr=self.scheduler.get_last_lr()[0],
+        data_wait = self.data_wait.share()  # this rank's; rank 0's is the one logged
+        self.metrics.log("train", self.state.step, epoch=self.state.epoch, loss=loss,
+                         lr=self.scheduler.get_last_lr()[0],
                          sample_offset=self.state.sample_offset, world_size=self.ctx.world_size,
-                         **devices.memory_peaks(self.ctx.device))
+                         data_wait=round(data_wait, 4), **devices.memory_peaks(self.ctx.device))
+        if self.ctx.is_main:
+            self.data_wait.advise(data_wait)
 
     def _mean_across_ranks(self, values: list[float]) -> float:
         t = all_reduce_sum(self.ctx, torch.tensor([sum(values), len(values)], dtype=torch.float64))
