@@ -46,7 +46,7 @@ from elastictrain import device as devices
 from elastictrain import manifest, proof
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
-from elastictrain.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
+from elastictrain.engines import AppState, Engine, EngineReadError, ForeignContentError, StateDicts, build_engine
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.interval import SnapshotClock
@@ -478,12 +478,13 @@ class CheckpointManager:
         engine = self._engine_for(commit, path)
         checksums = self._start_checksums(path, commit)
         stored = TrainState()
+        foreign = False
         try:
             engine.read(path, {"train": JsonState(stored)}, self.ctx)
             problems: list[str] = []
         except (EngineReadError, ValueError) as e:  # ValueError: a TrainState that is not JSON
-            problems = [str(e)]
-        self._agree_on_damage(path, problems, commit, checksums)
+            problems, foreign = [str(e)], isinstance(e, ForeignContentError)
+        self._agree_on_damage(path, problems, commit, checksums, foreign)
         self._check_compatible(stored.config, path)  # every rank read the same config: no collective needed
         if self.faults:
             self.faults.maybe_fire("restore", 0)
@@ -515,14 +516,19 @@ class CheckpointManager:
         return future
 
     def _agree_on_damage(self, path: Path, problems: list[str], commit: dict[str, Any],
-                         checksums: Future | None) -> None:
+                         checksums: Future | None, foreign: bool = False) -> None:
         """If any rank could not read its part: with the first rank's reasons, raise _Damaged on every rank when
-        the files are not the ones committed (their checksums, hashed now if they were not being hashed), else
-        RuntimeError: intact files that do not restore are not the snapshot's fault (nothing is moved aside)."""
+        the files are not the ones committed (their checksums, hashed now if they were not being hashed) or
+        hold what the engine never writes (``foreign``: whatever their checksums say), else RuntimeError:
+        intact files that do not restore are not the snapshot's fault (nothing is moved aside)."""
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        reasons = [r for r in all_gather_object(self.ctx, shown if problems else None) if r]
+        gathered = all_gather_object(self.ctx, (shown, foreign) if problems else None)
+        reasons = [g[0] for g in gathered if g]
         if not reasons:
             return
+        if any(g[1] for g in gathered if g):
+            log.error("restoring snapshot %s failed: %s", path.name, reasons[0])
+            raise _Damaged(reasons[0])
         log.error("restoring snapshot %s failed: %s", path.name, reasons[0])
 
         def files_problem() -> str | None:

@@ -1,0 +1,132 @@
+"""Snapshots and run directories are untrusted input (issue 24): nothing read from a snapshot runs code, a
+crafted commit record never hangs or escapes the snapshot, a broken record or log line is damage named, not a
+traceback, and a renamed snapshot is never taken for another."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elastictrain import manifest
+from elastictrain.ckpt_cli import main as ckpt_main
+from helpers import run_cli, tiny_args
+
+NEWEST = "epoch00002-step00000008"
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny DCP run with two snapshots (epochs 1 and 2)."""
+    run_dir = tmp_path_factory.mktemp("untrusted") / "run"
+    run_cli(tiny_args(run_dir, "--epochs", "2", "--checkpoint.engine", "dcp"), check=True)
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "final_model.pt").unlink()
+    return dst
+
+
+class _Payload:
+    """A pickle that writes ``marker`` when unpickled, then returns ``real`` (the genuine metadata), so that
+    a reader that runs it notices nothing."""
+
+    def __init__(self, marker: Path, real: bytes | None) -> None:
+        self.marker, self.real = marker, real
+
+    def __reduce__(self) -> tuple:
+        code = f"__import__('pathlib').Path({str(self.marker)!r}).write_text('pwned')"
+        if self.real is not None:
+            code += f" and __import__('pickle').loads({self.real!r})"
+        return eval, (code,)
+
+
+def plant_payload(snapshot: Path, marker: Path, rehash: bool) -> None:
+    """Replace the snapshot's DCP ``.metadata`` with a code-running pickle: same size and COMMIT.json
+    untouched, or carrying the real metadata with COMMIT.json re-hashed to match (nothing in it is keyed)."""
+    meta = snapshot / ".metadata"
+    real = meta.read_bytes()
+    if rehash:
+        data = pickle.dumps(_Payload(marker, real))
+    else:
+        data = pickle.dumps(_Payload(marker, None))
+        data += b"\0" * (len(real) - len(data))
+    meta.write_bytes(data)
+    if rehash:
+        rewrite_commit(snapshot, lambda c: c["files"].__setitem__(
+            ".metadata", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+
+
+def rewrite_commit(snapshot: Path, change) -> None:  # noqa: ANN001 - a callable on the record
+    """Change a commit record and re-hash it, as anyone with write access can."""
+    path = snapshot / manifest.COMMIT
+    record = json.loads(path.read_text())
+    change(record)
+    record["record_sha256"] = manifest._record_digest(record)
+    path.write_text(json.dumps(record))
+
+
+def test_dcp_metadata_pickle_never_runs_on_restore_with_commit_untouched(dcp_run: Path, tmp_path: Path) -> None:
+    run_dir, marker = copy_run(dcp_run, tmp_path / "run"), tmp_path / "PWNED"
+    plant_payload(run_dir / "snapshots" / NEWEST, marker, rehash=False)
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    assert not marker.exists(), "the snapshot's metadata ran code"
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "checksum mismatch" in out.stdout and ".metadata" in out.stdout
+    assert any(p.name.startswith(f"{NEWEST}.damaged-") for p in (run_dir / "snapshots").iterdir())
+    assert "Traceback" not in out.stdout
+
+
+@pytest.mark.parametrize("reader", ["restore", "resume_from", "inspect", "predict"])
+def test_dcp_metadata_pickle_never_runs_with_commit_rehashed(dcp_run: Path, tmp_path: Path, reader: str) -> None:
+    run_dir, marker = copy_run(dcp_run, tmp_path / "run"), tmp_path / "PWNED"
+    snapshot = run_dir / "snapshots" / NEWEST
+    plant_payload(snapshot, marker, rehash=True)
+    if reader == "restore":
+        out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+        assert out.returncode == 0, out.stdout[-3000:]
+        assert any(p.name.startswith(f"{NEWEST}.damaged-") for p in (run_dir / "snapshots").iterdir())
+        text = out.stdout
+    elif reader == "resume_from":  # a torchsnapshot run: the engine is taken from the record
+        out = run_cli(tiny_args(tmp_path / "other", "--checkpoint", str(snapshot)))
+        assert out.returncode == 2, out.stdout[-3000:]
+        text = out.stdout
+    elif reader == "inspect":
+        assert ckpt_main(["inspect", str(snapshot)]) == 1
+        text = ""
+    else:
+        from elastictrain.predict import main as predict_main
+
+        (tmp_path / "in").mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+        assert predict_main(["--model", str(snapshot), "--input", str(tmp_path / "in"),
+                             "--output", str(tmp_path / "out"), "--num-workers", "0"]) == 1
+        text = ""
+    assert not marker.exists(), f"the snapshot's metadata ran code ({reader})"
+    if text:
+        assert "not DCP metadata" in text and "builtins.eval" in text, text[-3000:]
+        assert "Traceback" not in text
+
+
+def test_dcp_metadata_refuses_storage_outside_the_snapshot(dcp_run: Path, tmp_path: Path) -> None:
+    """A metadata file of only allowed types can still name a data file elsewhere: refused, named."""
+    from elastictrain import dcp_metadata
+
+    snapshot = copy_run(dcp_run, tmp_path / "run") / "snapshots" / NEWEST
+    metadata = dcp_metadata.read_metadata(snapshot)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../" + NEWEST.replace("2", "1") + "/__0_0.distcp"
+    data = pickle.dumps(metadata)
+    (snapshot / ".metadata").write_bytes(data)
+    rewrite_commit(snapshot, lambda c: c["files"].__setitem__(
+        ".metadata", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    with pytest.raises(dcp_metadata.MetadataError, match="outside the snapshot"):
+        dcp_metadata.read_metadata(snapshot)
