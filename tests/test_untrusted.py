@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -130,3 +131,95 @@ def test_dcp_metadata_refuses_storage_outside_the_snapshot(dcp_run: Path, tmp_pa
         ".metadata", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
     with pytest.raises(dcp_metadata.MetadataError, match="outside the snapshot"):
         dcp_metadata.read_metadata(snapshot)
+
+
+# ---------- Medium 1: --checkpoint PATH kept in a command, after retention deleted PATH ----------
+def test_checkpoint_kept_in_command_survives_retention_deleting_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_cli(tiny_args(run_dir, "--epochs", "2"), check=True)
+    given = run_dir / "snapshots" / "epoch00001-step00000004"
+
+    def command(epochs: int) -> list[str]:  # the same --checkpoint in every command, as in an sbatch script
+        return tiny_args(run_dir, "--epochs", str(epochs), "--checkpoint", str(given))
+
+    run_cli(command(4), check=True)
+    assert not given.exists(), "retention (keep 2) was expected to delete the snapshot resumed from"
+    out = run_cli(command(5))
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "continuing from its newest snapshot epoch00004-step00000016" in out.stdout
+    assert "resuming from epoch 4 step 16" in out.stdout
+
+
+# ---------- Medium 2: only regular files inside the snapshot count ----------
+def add_entry(snapshot: Path, rel: str, size: int, sha256: str) -> None:
+    rewrite_commit(snapshot, lambda c: c["files"].__setitem__(rel, {"size": size, "sha256": sha256}))
+
+
+def plant_special(snapshot: Path, kind: str) -> None:
+    """A file the commit record lists that is not a regular file of the snapshot (reading it never ends)."""
+    if kind == "link":
+        (snapshot / "evil").symlink_to("/dev/zero")
+    else:
+        os.mkfifo(snapshot / "evil")
+    add_entry(snapshot, "evil", 0, hashlib.sha256(b"").hexdigest())
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo"])
+def test_special_file_in_the_manifest_is_damage_never_read(dcp_run: Path, tmp_path: Path, kind: str) -> None:
+    run_dir = copy_run(dcp_run, tmp_path / "run")
+    plant_special(run_dir / "snapshots" / NEWEST, kind)
+    listed = run_cli(["ckpt", "list", str(run_dir), "--verify"], timeout=60)
+    assert listed.returncode == 1 and f"{NEWEST}/evil" in listed.stdout, listed.stdout[-3000:]
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"), timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "symbolic link" in out.stdout if kind == "link" else "not a regular file" in out.stdout
+    assert "resuming from epoch 1 step 4" in out.stdout
+    assert any(p.name.startswith(f"{NEWEST}.damaged-") for p in (run_dir / "snapshots").iterdir())
+
+
+def test_manifest_entry_outside_the_snapshot_is_damage(dcp_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(dcp_run, tmp_path / "run")
+    older = run_dir / "snapshots" / "epoch00001-step00000004" / "__0_0.distcp"
+    add_entry(run_dir / "snapshots" / NEWEST, "../epoch00001-step00000004/__0_0.distcp", older.stat().st_size,
+              hashlib.sha256(older.read_bytes()).hexdigest())
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "not a file inside the snapshot" in out.stdout
+    assert "resuming from epoch 1 step 4" in out.stdout
+
+
+# ---------- Medium 3: a record or log line that is not UTF-8 ----------
+def test_non_utf8_commit_record_and_metrics_line_are_named_not_tracebacks(dcp_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(dcp_run, tmp_path / "run")
+    older = run_dir / "snapshots" / "epoch00001-step00000004" / manifest.COMMIT
+    older.write_bytes(older.read_bytes().replace(b'"tier"', b'"ti\xffer"', 1))
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join([lines[0], b'{"kind": "\xff"}\n', *lines[1:]]))
+    for command in (["list", str(run_dir)], ["clean", str(run_dir)]):
+        out = run_cli(["ckpt", *command])
+        assert "Traceback" not in out.stdout and f"{older}: not UTF-8" in out.stdout, out.stdout[-3000:]
+        assert out.returncode == (1 if command[0] == "list" else 0)
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    assert out.returncode == 0 and "Traceback" not in out.stdout, out.stdout[-3000:]
+    assert f"{metrics} line 2 is torn or not UTF-8 JSON, skipped" in out.stdout
+    assert "resuming from epoch 2 step 8" in out.stdout
+    # The newest record broken the same way: moved aside, named, and the previous one resumed.
+    newest = run_dir / "snapshots" / "epoch00003-step00000012" / manifest.COMMIT
+    newest.write_bytes(newest.read_bytes().replace(b'"tier"', b'"ti\xffer"', 1))
+    out = run_cli(tiny_args(run_dir, "--epochs", "4", "--checkpoint.engine", "dcp"))
+    assert out.returncode == 0 and "Traceback" not in out.stdout, out.stdout[-3000:]
+    assert f"{newest}: not UTF-8" in out.stdout and "resuming from epoch 2 step 8" in out.stdout
+
+
+# ---------- Medium 6: a renamed snapshot ----------
+def test_renamed_snapshot_is_damage_not_the_newest(dcp_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(dcp_run, tmp_path / "run")
+    root = run_dir / "snapshots"
+    (root / "epoch00001-step00000004").rename(root / "epoch00099-step00009999")
+    assert [s.name for s in manifest.list_snapshots(root) if s.complete] == [NEWEST]
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "records snapshot 'epoch00001-step00000004'" in out.stdout
+    assert "resuming from epoch 2 step 8" in out.stdout
+    assert any(p.name.startswith("epoch00099-step00009999.damaged-") for p in root.iterdir())
