@@ -261,6 +261,16 @@ def verify(snapshot: Path, commit: dict[str, Any], marker: str, checksums: bool 
         return next((p for p in pool.map(check, largest_first) if p), None)
 
 
+def enclosing_snapshot(folder: Path) -> Path | None:
+    """The snapshot directory ``folder`` is (or lies in), else None: named like one (moved aside too) or
+    holding a commit record or an engine's metadata file."""
+    for d in (folder.resolve(), *folder.resolve().parents):
+        if is_snapshot_name(d.name) or _ASIDE.match(d.name) or any(
+                (d / name).exists() for name in (COMMIT, ".metadata", ".snapshot_metadata")):
+            return d
+    return None
+
+
 def list_snapshots(root: Path) -> list[SnapshotInfo]:
     """Every snapshot directory under ``root``, newest (highest step) first, complete or not."""
     if not root.is_dir():

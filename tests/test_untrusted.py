@@ -172,7 +172,7 @@ def test_special_file_in_the_manifest_is_damage_never_read(dcp_run: Path, tmp_pa
     assert listed.returncode == 1 and f"{NEWEST}/evil" in listed.stdout, listed.stdout[-3000:]
     out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"), timeout=120)
     assert out.returncode == 0, out.stdout[-3000:]
-    assert "symbolic link" in out.stdout if kind == "link" else "not a regular file" in out.stdout
+    assert ("symbolic link" if kind == "link" else "not a regular file") in out.stdout
     assert "resuming from epoch 1 step 4" in out.stdout
     assert any(p.name.startswith(f"{NEWEST}.damaged-") for p in (run_dir / "snapshots").iterdir())
 
@@ -223,3 +223,33 @@ def test_renamed_snapshot_is_damage_not_the_newest(dcp_run: Path, tmp_path: Path
     assert "records snapshot 'epoch00001-step00000004'" in out.stdout
     assert "resuming from epoch 2 step 8" in out.stdout
     assert any(p.name.startswith("epoch00099-step00009999.damaged-") for p in root.iterdir())
+
+
+# ---------- Medium 7: ckpt export writes only a new path or a regular file outside every snapshot ----------
+@pytest.mark.parametrize("target", ["commit", "data", "new_inside", "aside", "fifo", "link"])
+def test_export_refuses_targets_inside_snapshots_and_special_files(dcp_run: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     target: str) -> None:
+    root = copy_run(dcp_run, tmp_path / "run") / "snapshots"
+    snapshot = root / NEWEST
+    older = root / "epoch00001-step00000004"
+    if target == "aside":
+        older = older.rename(root / "epoch00001-step00000004.damaged-1")
+    out = {"commit": snapshot / manifest.COMMIT, "data": snapshot / "__0_0.distcp", "new_inside": older / "m.pt",
+           "aside": older / "m.pt", "fifo": tmp_path / "fifo", "link": tmp_path / "link"}[target]
+    if target == "fifo":
+        os.mkfifo(out)
+    if target == "link":
+        (tmp_path / "real.pt").write_bytes(b"mine")
+        out.symlink_to(tmp_path / "real.pt")
+    before = {p: p.read_bytes() for p in (*snapshot.iterdir(), *older.iterdir())}
+    assert ckpt_main(["export", str(snapshot), str(out)]) == 2
+    assert str(out) in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (*snapshot.iterdir(), *older.iterdir())} == before
+    if target in ("new_inside", "aside"):
+        assert not out.exists()
+    if target == "fifo":
+        assert out.is_fifo()
+    if target == "link":
+        assert out.is_symlink() and (tmp_path / "real.pt").read_bytes() == b"mine"
+    assert ckpt_main(["export", str(snapshot), str(tmp_path / "model.pt")]) == 0  # a new path outside: written
