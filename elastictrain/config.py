@@ -337,6 +337,9 @@ def validate(cfg: Config) -> list[str]:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
     }
     p += [f"--{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    # Renewed every lease / 5 s by a heartbeat thread: below 1 s it spins, above a day its sleep overflows.
+    if cfg.run.lock_lease_s > 0 and not 1 <= cfg.run.lock_lease_s <= 86400:
+        p.append(f"--run.lock_lease_s: must be between 1 and 86400 seconds, got {cfg.run.lock_lease_s}")
     if cfg.checkpoint.every_minutes != "auto":
         try:
             minutes = float(cfg.checkpoint.every_minutes)

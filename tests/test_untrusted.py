@@ -253,3 +253,13 @@ def test_export_refuses_targets_inside_snapshots_and_special_files(dcp_run: Path
     if target == "link":
         assert out.is_symlink() and (tmp_path / "real.pt").read_bytes() == b"mine"
     assert ckpt_main(["export", str(snapshot), str(tmp_path / "model.pt")]) == 0  # a new path outside: written
+
+
+# ---------- Low ----------
+@pytest.mark.parametrize("lease", ["1e12", "0.001"])
+def test_lock_lease_is_bounded_at_both_ends(lease: str) -> None:
+    from elastictrain.config import load_config
+
+    with pytest.raises(ValueError, match=r"--run.lock_lease_s: must be between 1 and 86400"):
+        load_config(["--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
+                     "--run.lock_lease_s", lease])
