@@ -263,3 +263,20 @@ def test_lock_lease_is_bounded_at_both_ends(lease: str) -> None:
     with pytest.raises(ValueError, match=r"--run.lock_lease_s: must be between 1 and 86400"):
         load_config(["--config", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
                      "--run.lock_lease_s", lease])
+
+
+def test_predict_refuses_a_code_pickle_final_model_in_one_line(dcp_run: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from elastictrain.predict import main as predict_main
+
+    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(dcp_run, run_dir)
+    (run_dir / "final_model.pt").write_bytes(pickle.dumps(_Payload(marker, None)))
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+    rc = predict_main(["--model", str(run_dir / "final_model.pt"), "--input", str(tmp_path / "in"),
+                       "--output", str(tmp_path / "out"), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not marker.exists()
+    assert f"{run_dir / 'final_model.pt'}: not a plain state dict" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
