@@ -280,3 +280,22 @@ def test_predict_refuses_a_code_pickle_final_model_in_one_line(dcp_run: Path, tm
     assert rc == 2 and not marker.exists()
     assert f"{run_dir / 'final_model.pt'}: not a plain state dict" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("lock", ["directory", "dangling_link", "wrong_types"])
+def test_a_lock_that_is_not_a_lock_is_one_clear_error(tmp_path: Path, lock: str) -> None:
+    from elastictrain.errors import UserError
+    from elastictrain.runlock import LOCK_FILE, RunLock
+
+    path = tmp_path / LOCK_FILE
+    if lock == "directory":
+        path.mkdir()
+    elif lock == "dangling_link":
+        path.symlink_to(tmp_path / "nowhere")
+    else:
+        path.write_text(json.dumps({"host": "h", "machine": "m", "pid": "12", "started": "", "job": {},
+                                    "since": 0, "heartbeat": "soon", "lease_s": 30, "token": "t"}))
+    why = {"directory": "a directory", "dangling_link": "a symbolic link", "wrong_types": "wrong type of pid, "
+           "heartbeat"}[lock]
+    with pytest.raises(UserError, match=f"{path} is not a run lock.*{why}"):
+        RunLock(tmp_path, 30.0).acquire(1.0)
