@@ -299,3 +299,29 @@ def test_a_lock_that_is_not_a_lock_is_one_clear_error(tmp_path: Path, lock: str)
            "heartbeat"}[lock]
     with pytest.raises(UserError, match=f"{path} is not a run lock.*{why}"):
         RunLock(tmp_path, 30.0).acquire(1.0)
+
+
+@pytest.mark.slow
+def test_sigterm_soon_after_sigusr1_still_ends_75_after_a_committed_snapshot(tmp_path: Path) -> None:
+    """The scheduler's SIGUSR1, then its SIGTERM (here: one every 50 ms until the process is gone): the
+    handlers must stay until the process ends, or a SIGTERM during clean-up kills a run that has answered."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, base_env, cli_cmd, kill_group, read_jsonl, wait_for
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(cli_cmd(tiny_args(run_dir, "--epochs", "200")), cwd=ROOT, env=base_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: any(r.get("kind") == "train" for r in read_jsonl(run_dir)), 120, "the first steps")
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        assert proc.returncode == 75
+        assert any(s.complete for s in manifest.list_snapshots(run_dir / "snapshots"))
+    finally:
+        kill_group(proc)
