@@ -46,7 +46,7 @@ from elastictrain import device as devices
 from elastictrain import manifest, proof
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
-from elastictrain.engines import AppState, Engine, EngineReadError, StateDicts, build_engine
+from elastictrain.engines import AppState, Engine, EngineReadError, ForeignContentError, StateDicts, build_engine
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.interval import SnapshotClock
@@ -218,6 +218,8 @@ class CheckpointManager:
         """Step of the newest snapshot this run holds (restored from, or started); a save there is a no-op."""
         self._branch_from = ""
         """Identity of the snapshot this lineage started from with --checkpoint.resume_from ('' for none)."""
+        self._branch_from_path = ""
+        """Where that snapshot was (resolved), so the lineage is still found once retention has deleted it."""
         self.blocked_seconds: list[float] = []
         """Time the training loop spent inside each save call (what async is meant to shrink)."""
 
@@ -327,7 +329,8 @@ class CheckpointManager:
         on_main_together(self.ctx, lambda: self._clear_target(path))
         if self.prepare is not None:
             self.prepare()
-        info = {"name": name, "id": uuid.uuid4().hex, "branch_from": self._branch_from, "engine": self.engine.name,
+        info = {"name": name, "id": uuid.uuid4().hex, "branch_from": self._branch_from,
+                "branch_from_path": self._branch_from_path, "engine": self.engine.name,
                 "epoch": state.epoch, "step": state.step, "sample_offset": state.sample_offset,
                 "world_size": self.ctx.world_size, "tier": self.tier(state.epoch, end_of_epoch),
                 "val_loss": val_loss, "is_best": is_best, "started_at": time.time()}
@@ -460,7 +463,7 @@ class CheckpointManager:
                                        f"from scratch.")
                 log.info("no snapshot in %s: starting fresh", self.root)
                 return None
-            path, commit, branch_from = Path(found[0]), found[1], found[2]
+            path, commit, (branch_from, branch_from_path) = Path(found[0]), found[1], found[2]
             try:
                 info = self._restore(path, commit, app_state)
             except _Damaged as e:
@@ -469,7 +472,7 @@ class CheckpointManager:
                 touched, reason = str(path), str(e)
                 on_main_together(self.ctx, lambda: self._move_aside(path, "damaged", reason))
                 continue
-            self._held_step, self._branch_from = info.step, branch_from
+            self._held_step, self._branch_from, self._branch_from_path = info.step, branch_from, branch_from_path
             return info
 
     def _restore(self, path: Path, commit: dict[str, Any], app_state: AppState) -> ResumeInfo:
@@ -478,12 +481,13 @@ class CheckpointManager:
         engine = self._engine_for(commit, path)
         checksums = self._start_checksums(path, commit)
         stored = TrainState()
+        foreign = False
         try:
             engine.read(path, {"train": JsonState(stored)}, self.ctx)
             problems: list[str] = []
         except (EngineReadError, ValueError) as e:  # ValueError: a TrainState that is not JSON
-            problems = [str(e)]
-        self._agree_on_damage(path, problems, commit, checksums)
+            problems, foreign = [str(e)], isinstance(e, ForeignContentError)
+        self._agree_on_damage(path, problems, commit, checksums, foreign)
         self._check_compatible(stored.config, path)  # every rank read the same config: no collective needed
         if self.faults:
             self.faults.maybe_fire("restore", 0)
@@ -515,14 +519,19 @@ class CheckpointManager:
         return future
 
     def _agree_on_damage(self, path: Path, problems: list[str], commit: dict[str, Any],
-                         checksums: Future | None) -> None:
+                         checksums: Future | None, foreign: bool = False) -> None:
         """If any rank could not read its part: with the first rank's reasons, raise _Damaged on every rank when
-        the files are not the ones committed (their checksums, hashed now if they were not being hashed), else
-        RuntimeError: intact files that do not restore are not the snapshot's fault (nothing is moved aside)."""
+        the files are not the ones committed (their checksums, hashed now if they were not being hashed) or
+        hold what the engine never writes (``foreign``: whatever their checksums say), else RuntimeError:
+        intact files that do not restore are not the snapshot's fault (nothing is moved aside)."""
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        reasons = [r for r in all_gather_object(self.ctx, shown if problems else None) if r]
+        gathered = all_gather_object(self.ctx, (shown, foreign) if problems else None)
+        reasons = [g[0] for g in gathered if g]
         if not reasons:
             return
+        if any(g[1] for g in gathered if g):
+            log.error("restoring snapshot %s failed: %s", path.name, reasons[0])
+            raise _Damaged(reasons[0])
         log.error("restoring snapshot %s failed: %s", path.name, reasons[0])
 
         def files_problem() -> str | None:
@@ -564,13 +573,14 @@ class CheckpointManager:
         log.warning("snapshot %s was written by engine %s; reading it with that engine", path.name, name)
         return build_engine(name)
 
-    def _choose(self) -> tuple[str, dict[str, Any], str] | None:
-        """Rank 0: (path, commit record, lineage) of the snapshot to restore, or None for a fresh start."""
+    def _choose(self) -> tuple[str, dict[str, Any], tuple[str, str]] | None:
+        """Rank 0: (path, commit record, lineage: (origin id, origin path)) of the snapshot to restore, or None
+        for a fresh start."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume_from:
             return self._choose_given(Path(self.cfg.resume_from))
         snap = self._newest_intact()
-        return None if snap is None else (str(snap.path), snap.commit, snap.commit.get("branch_from", ""))  # type: ignore[union-attr]
+        return None if snap is None else (str(snap.path), snap.commit, _lineage(snap.commit))  # type: ignore[arg-type]
 
     def _newest_intact(self) -> manifest.SnapshotInfo | None:
         """The newest complete snapshot that verifies; on the way, incomplete ones are removed (debris of a
@@ -605,17 +615,17 @@ class CheckpointManager:
         from PATH, continue from that one. Otherwise PATH it is (or an error, never a silent fallback), and
         newer snapshots of the branch being abandoned are moved aside (not deleted), or discovery and retention
         would mistake them for this run's newest."""
-        commit = manifest.read_commit(path)
+        # The lineage first: retention may have deleted PATH since this run continued from it.
+        commit, given = manifest.read_commit(path), str(path.resolve())
+        newest = self._newest_intact()
+        if newest is not None and newest.path.resolve() != path.resolve() and _descends(newest.commit, commit, given):  # type: ignore[arg-type]
+            log.info("--checkpoint.resume_from %s: this run already continued from it; continuing from its newest "
+                     "snapshot %s", path, newest.name)
+            return str(newest.path), newest.commit, _lineage(newest.commit)  # type: ignore[return-value, arg-type]
         if commit is None:
             raise UserError(f"--checkpoint.resume_from: {path} is not a complete snapshot "
                             f"({manifest.commit_problem(path) or f'no {manifest.COMMIT}'})")
         origin = manifest.snapshot_id(commit)
-        newest = self._newest_intact()
-        if newest is not None and newest.path.resolve() != path.resolve() \
-                and newest.commit.get("branch_from") == origin:  # type: ignore[union-attr]
-            log.info("--checkpoint.resume_from %s: this run already continued from it; continuing from its newest "
-                     "snapshot %s", path, newest.name)
-            return str(newest.path), newest.commit, origin  # type: ignore[return-value]
         problem = self._verify(path, commit)
         if problem:
             raise UserError(f"--checkpoint.resume_from: snapshot is damaged: {problem}")
@@ -624,7 +634,7 @@ class CheckpointManager:
             if snap.order > order and snap.path.resolve() != path.resolve():
                 log.warning("resuming from the older %s: moving the newer snapshot %s aside", path, snap.name)
                 self._move_aside(snap.path, "superseded", "")
-        return str(path), commit, origin
+        return str(path), commit, (origin, given)
 
     def _verify(self, path: Path, commit: dict[str, Any]) -> str | None:
         """The manifest check (on by default: ~1.2 GB/s here, see bench/bench_snapshots.py)."""
@@ -637,3 +647,16 @@ class CheckpointManager:
             log.info("verified snapshot %s: %d files, %s in %.2fs", path.name, len(commit["files"]),
                      manifest.human_size(size), time.perf_counter() - start)
         return problem
+
+
+def _lineage(commit: dict[str, Any]) -> tuple[str, str]:
+    """(identity, resolved path) of the snapshot a lineage started from with --checkpoint ('' for none)."""
+    return commit.get("branch_from", ""), commit.get("branch_from_path", "")
+
+
+def _descends(newest: dict[str, Any], given: dict[str, Any] | None, given_path: str) -> bool:
+    """Does the snapshot ``newest`` continue a lineage started from ``--checkpoint`` PATH? By PATH's identity
+    while PATH is there, by where it was once retention has deleted it."""
+    if given is not None:
+        return newest.get("branch_from") == manifest.snapshot_id(given)
+    return bool(newest.get("branch_from_path")) and newest.get("branch_from_path") == given_path

@@ -111,6 +111,7 @@ def run_training(cfg: Config) -> int:
         if lock is not None:
             lock.release()
         teardown(ctx)
+        preemption.hold_to_exit()
 
 
 def main(argv: list[str] | None = None) -> int:

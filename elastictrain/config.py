@@ -345,6 +345,9 @@ def validate(cfg: Config) -> list[str]:
     workers = cfg.data.num_workers
     if workers != "auto" and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
         p.append(f"--data.num_workers: a number of worker processes >= 0 or 'auto', got {workers!r}")
+    # Renewed every lease / 5 s by a heartbeat thread: below 1 s it spins, above a day its sleep overflows.
+    if cfg.run.lock_lease_s > 0 and not 1 <= cfg.run.lock_lease_s <= 86400:
+        p.append(f"--run.lock_lease_s: must be between 1 and 86400 seconds, got {cfg.run.lock_lease_s}")
     if cfg.checkpoint.every_minutes != "auto":
         try:
             minutes = float(cfg.checkpoint.every_minutes)

@@ -416,7 +416,7 @@ class Trainer:
             self.metrics.close(write_summary(self.run_dir, summary))  # the summary lands in wandb's too
 
     def close(self) -> None:
-        self.preemption.uninstall()
+        self.preemption.uninstall(keep_if_answered=True)
         with contextlib.suppress(Exception):
             self.checkpointer.close(timeout=5.0)
         self.metrics.close()
