@@ -189,10 +189,13 @@ class Judge:
 
 
 def _behind(beat: dict[str, Any], stalled: float, mine: dict[str, Any]) -> bool:
-    """Whether a peer is further behind than this rank: fewer progress marks (every rank passes the same
+    """Whether a peer is further behind than this rank: not waiting in a torch.distributed call while we
+    are (we wait for it); else fewer progress marks (every rank passes the same
     boundaries and phases, so the counts compare), or as many and stalled longer. The count decides first
     because a stall seen through a heartbeat is only known to within a heartbeat period, while the rank
     that hangs and those that wait for it in a collective differ by a single step boundary."""
+    if bool(beat.get("waiting")) != bool(mine.get("waiting")):
+        return bool(mine.get("waiting"))  # we wait in a collective for the one that does not
     if beat.get("progress", 0) != mine.get("progress", 0):
         return beat.get("progress", 0) < mine.get("progress", 0)
     return stalled > mine["stalled_s"]
@@ -266,7 +269,7 @@ class Watchdog:
         excused = self.paused[1] if self.paused[0] == count else 0.0
         return {"seq": self.seq, "progress": count, "phase": phase, "stalled_s": round(now - p.last - excused, 3),
                 "limit_s": hang_limit(phase, dict(p.slowest), self.hang_timeout_s, self.unseen_s),
-                "host": socket.gethostname(), "pid": os.getpid()}
+                "host": socket.gethostname(), "pid": os.getpid(), "waiting": main_thread_waits()}
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}/{rank}"
@@ -322,6 +325,17 @@ class Watchdog:
             with contextlib.suppress(Exception):
                 handler.flush()
         os._exit(EXIT_CODE)  # at once: the training thread may be wedged in a collective or in C code
+
+
+def main_thread_waits() -> bool:
+    """Whether the training (main) thread is inside torch.distributed now: a collective or a store call,
+    i.e. waiting for its peers rather than stuck on its own work."""
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    while frame is not None:
+        if f"{os.sep}torch{os.sep}distributed{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def dump_stacks(path: Path | None) -> None:

