@@ -23,8 +23,8 @@ collective timeout (``dist.timeout_s``, 300 s by default).
   the first validation or snapshot) waits as long as the collective timeout would.
 
 A SIGSTOPped process cannot write its own stack: its heartbeat thread is stopped too, so its peers report it
-as lost; a peer on the same host that finds it stopped asks for its stack (SIGUSR2, faulthandler), continues
-it, and kills it. With no process group (``python -m elastictrain``)
+as lost; a peer on the same host that finds it stopped asks for its stack (SIGUSR2, faulthandler: the stack
+as it is continued, a moment after the stop), continues it, and kills it. With no process group (``python -m elastictrain``)
 only the progress check runs.
 """
 
@@ -328,10 +328,12 @@ class Watchdog:
 
 
 def main_thread_waits() -> bool:
-    """Whether the training (main) thread is inside torch.distributed now: a collective or a store call,
-    i.e. waiting for its peers rather than stuck on its own work."""
+    """Whether the training (main) thread is inside torch.distributed now, called from our code: a collective
+    or a store call, i.e. waiting for its peers rather than stuck on its own work. Only the innermost frames
+    up to the first of ours count: torchrun's @record wrapper is on every worker's stack, far outside."""
+    ours = f"{os.sep}elastictrain{os.sep}"
     frame = sys._current_frames().get(threading.main_thread().ident or -1)
-    while frame is not None:
+    while frame is not None and ours not in frame.f_code.co_filename:
         if f"{os.sep}torch{os.sep}distributed{os.sep}" in frame.f_code.co_filename:
             return True
         frame = frame.f_back
