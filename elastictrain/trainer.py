@@ -24,6 +24,7 @@ from elastictrain.export import export_model
 from elastictrain.estimate import RunEstimate
 from elastictrain.faults import FaultInjector
 from elastictrain.console import progress
+from elastictrain.liveness import Progress
 from elastictrain.metrics import MetricsLogger
 from elastictrain.summary import write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
@@ -69,8 +70,11 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption,
+                 progress: Progress | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
+        self.progress = progress or Progress()
+        """Step boundaries and phases, which the liveness watchdog reads (liveness.py)."""
         self.run_dir = Path(cfg.run.dir)
         self.state = TrainState(config=to_dict(cfg), world_size=ctx.world_size)
         if cfg.debug.deterministic:
@@ -85,7 +89,8 @@ class Trainer:
                                                       ctx.world_size)
         self.normalization = encoder_normalization(cfg.model)
         self.class_names = class_names(cfg.data)
-        self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
+        with self.progress.phase_of("data scan"):
+            self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
         self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch  # >= 1: the sampler checks
         self.state.data_order = sample_order_key(self.loaders.train_set, cfg.run.seed)
         self.data_wait = DataWait(self.loaders.num_workers, cores_per_rank())
@@ -190,18 +195,23 @@ class Trainer:
     def train(self) -> int:
         """Train to ``train.epochs``; returns 0 when finished, ``preemption.exit_code`` when preempted."""
         self.preemption.install()  # no-op when the CLI installed it first; must precede the restore either way
-        resumed = self.resume()
+        with self.progress.phase_of("restore"):
+            resumed = self.resume()
         run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
         # Only rank 0 talks to wandb, but the train state is a replicated snapshot entry: every rank holds its id.
         self.state.run_id = broadcast_object(self.ctx, run_id)
         self.faults.maybe_fire("start", 0)
+        self.progress.enter("step")
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             if not self.train_epoch(epoch):
                 return self.stop_for_preemption()
-            val = self.validate()
+            with self.progress.phase_of("validation"):
+                val = self.validate()
             self.end_epoch(epoch, val)
-        self.checkpointer.wait()
-        self.finish()
+        with self.progress.phase_of("snapshot"):
+            self.checkpointer.wait()
+        with self.progress.phase_of("export"):
+            self.finish()
         return FINISHED
 
     def train_epoch(self, epoch: int) -> bool:
@@ -212,6 +222,7 @@ class Trainer:
         losses: list[float] = []
         steps = self.data_wait.timed(self._steps(loader))  # times each wait for the next step's batches
         for batches in progress(steps, remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
+            self.progress.beat()  # progress the watchdog sees; no collective, no store call on this thread
             # The one collective of a step boundary: a preemption signal, a mid-epoch snapshot due by any
             # rank's clock, or a loss that is no longer finite on any rank means every rank acts on it.
             stop, snapshot, diverged = any_rank_each(self.ctx, self.preemption.requested is not None,
@@ -222,7 +233,8 @@ class Trainer:
             if stop:
                 return False
             if snapshot:
-                self.checkpointer.save_mid_epoch(self.app_state, self.state)
+                with self.progress.phase_of("snapshot"):
+                    self.checkpointer.save_mid_epoch(self.app_state, self.state)
             losses.append(self.train_step(batches))
             self.state.step += 1
             self.state.sample_offset += self.loaders.train_sampler.global_batch
@@ -276,6 +288,7 @@ class Trainer:
         """Validation loss, IoU and Dice (overall and per class) over the whole validation set, summed across
         ranks; the fixed prediction samples are gathered on rank 0 on the way."""
         started = time.monotonic()
+        self.faults.maybe_fire("validate", self.state.step)
         self.model.eval()
         stats = torch.zeros(4, self.cfg.data.num_classes, dtype=torch.long)
         loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -319,7 +332,8 @@ class Trainer:
         log.info("per class IoU / Dice: %s", ", ".join(
             f"{name} {_fmt(val[f'iou/{name}'])} / {_fmt(val[f'dice/{name}'])}" for name in self.class_names))
         self._show_predictions(val)
-        self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
+        with self.progress.phase_of("snapshot"):
+            self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
 
     def _show_predictions(self, val: dict[str, Any]) -> None:
         """Rank 0: the fixed validation samples with truth and prediction, as a PNG and in wandb."""
@@ -376,7 +390,8 @@ class Trainer:
         log.warning("preemption requested (%s): snapshot at epoch %d step %d, then exit %d",
                     self.preemption.requested or "a signal on another rank", self.state.epoch, self.state.step,
                     self.cfg.preemption.exit_code)
-        name = self.checkpointer.save_now(self.app_state, self.state)  # a no-op where it holds this step already
+        with self.progress.phase_of("snapshot"):
+            name = self.checkpointer.save_now(self.app_state, self.state)  # a no-op where it holds this step already
         deadline.cancel()
         self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name or "",
                          signal=self.preemption.requested or "", world_size=self.ctx.world_size,
@@ -398,7 +413,7 @@ class Trainer:
             self.metrics.close(write_summary(self.run_dir, summary))  # the summary lands in wandb's too
 
     def close(self) -> None:
-        self.preemption.uninstall()
+        self.preemption.uninstall(keep_if_answered=True)
         with contextlib.suppress(Exception):
             self.checkpointer.close(timeout=5.0)
         self.metrics.close()

@@ -87,8 +87,9 @@ class SnapshotManager:
         self._interval_logged: float | None = None
         self._announce_interval = False
         """Log the automatic interval at the next step boundary (the first after a restore)."""
-        self._branch_from = ""
-        """Identity of the snapshot this lineage started from with --checkpoint.resume_from ('' for none)."""
+        self._lineage: tuple[str, str] = ("", "")
+        """The snapshot this lineage started from with --checkpoint.resume_from: (identity, resolved path, so
+        the lineage is still found once retention has deleted it); ('', '') for none."""
         self.blocked_seconds: list[float] = []
         """Time the training loop spent inside each save call (what async is meant to shrink)."""
 
@@ -174,8 +175,8 @@ class SnapshotManager:
             log.info("no optimizer step taken yet: nothing to snapshot")
             return None
         start = time.perf_counter()
-        record = {"branch_from": self._branch_from, "tier": self.tier(state.epoch, end_of_epoch),
-                  "val_loss": val_loss, "is_best": is_best}
+        record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1],
+                  "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss, "is_best": is_best}
         name = self.saver.take(app_state, state, record, background)
         blocked = time.perf_counter() - start
         self.blocked_seconds.append(blocked)
@@ -201,7 +202,7 @@ class SnapshotManager:
             self._read_failure_history()
         if found is None:
             return None
-        resumed, self._branch_from = found
+        resumed, self._lineage = found
         self.saver.held_step = resumed.step
         return resumed
 
