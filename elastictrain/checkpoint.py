@@ -20,6 +20,7 @@ the snapshot is committed, so no data is ever rewritten.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -408,7 +409,22 @@ class CheckpointManager:
             if self.faults:  # here, not on the training thread, so that it is right after the commit
                 self.faults.maybe_fire("saved", info["step"])
         except BaseException as e:  # surfaced by wait() on the training thread, on every rank
-            self._error = e
+            self._error = self._disk_full(path, e) or e
+
+    def _disk_full(self, path: Path, error: BaseException) -> UserError | None:
+        """The user's error for a write that failed on a full disk, else None. torchrun would restart into the
+        same full disk (exit 1), so it is exit 2. DCP loses the errno (its zip writer reports "unexpected pos"),
+        hence also a filesystem with (almost) nothing left at the moment of the failure counts as full."""
+        try:
+            free: int | None = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        if not _has_errno(error, errno.ENOSPC) and (free is None or free >= _FULL_BELOW_BYTES):
+            return None
+        shown = "unknown" if free is None else manifest.human_size(free)
+        return UserError(f"snapshot {path}: no space left on device ({shown} free in {self.root}); the "
+                         "incomplete snapshot is removed, earlier snapshots are kept. Free space there (or lower "
+                         "--checkpoint.keep) and start again")
 
     def _apply_retention(self) -> None:
         """Point BEST.json at the best snapshot (from the commit records), then delete rolling snapshots
@@ -430,9 +446,15 @@ class CheckpointManager:
         self._writer.join()
         self._writer, self._staging = None, None
         error, self._error = self._error, None
-        if error is not None:
+        if error is not None and not isinstance(error, UserError):
             error = RuntimeError(f"snapshot {self.root / self._writing} failed: {type(error).__name__}: {error}")
-        raise_together(self.ctx, error)
+        try:
+            raise_together(self.ctx, error)
+        except UserError:  # a full disk on some rank: give its space back (every writer has ended)
+            path = self.root / self._writing
+            if self.ctx.is_main and manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
     def close(self, timeout: float = 30.0) -> None:
         """Give a snapshot in flight ``timeout`` seconds to finish, without any collective: close also runs
@@ -647,6 +669,28 @@ class CheckpointManager:
             log.info("verified snapshot %s: %d files, %s in %.2fs", path.name, len(commit["files"]),
                      manifest.human_size(size), time.perf_counter() - start)
         return problem
+
+
+_FULL_BELOW_BYTES = 1 << 20
+"""Free space under which a failed snapshot write is taken for a full disk."""
+
+
+def _has_errno(error: BaseException, number: int) -> bool:
+    """Whether ``error``, its causes, or a DCP CheckpointException's per-rank failures carry ``number``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == number:
+            return True
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return False
 
 
 def _lineage(commit: dict[str, Any]) -> tuple[str, str]:

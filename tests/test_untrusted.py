@@ -282,6 +282,32 @@ def test_predict_refuses_a_code_pickle_final_model_in_one_line(dcp_run: Path, tm
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("engine", ["torchsnapshot", "dcp"])
+def test_full_disk_during_a_snapshot_is_one_line_exit_2_keeping_the_earlier_one(tmp_path: Path, engine: str) -> None:
+    """The snapshots on a small tmpfs: epoch 1's snapshot (5-6 MB) fits, epoch 2's does not. Exit 2 (torchrun
+    and slurm/train.sh must not restart into the same full disk), the path and the free space named, the
+    partial snapshot gone and epoch 1's still complete."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    run_dir = tmp_path / "run"
+    root = run_dir / "snapshots"
+    root.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9000k", "tmpfs", str(root)], check=True)
+    try:
+        out = run_cli(tiny_args(run_dir, "--epochs", "2", "--checkpoint.engine", engine))
+        assert out.returncode == 2, out.stdout[-3000:]
+        assert "Traceback" not in out.stdout, out.stdout[-3000:]
+        assert f"snapshot {root / NEWEST}: no space left on device (" in out.stdout
+        assert f"free in {root})" in out.stdout
+        assert not (root / NEWEST).exists()
+        assert [s.name for s in manifest.list_snapshots(root) if s.complete] == ["epoch00001-step00000004"]
+        assert ckpt_main(["list", str(run_dir), "--verify"]) == 0  # its checksums still hold
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
 @pytest.mark.parametrize("lock", ["directory", "dangling_link", "wrong_types"])
 def test_a_lock_that_is_not_a_lock_is_one_clear_error(tmp_path: Path, lock: str) -> None:
     from elastictrain.errors import UserError
