@@ -275,9 +275,13 @@ class Watchdog:
         return f"{self.prefix}/{rank}"
 
     def _heartbeat(self) -> None:
-        while not self.done.wait(self.heartbeat_s):
+        # The first beat at once: a rank that stops before it ever beat would be lost without its host and pid,
+        # so its peers could not find it stopped and ask for its stack.
+        while True:
             self.seq += 1
             self._exchange(self.mine())
+            if self.done.wait(self.heartbeat_s):
+                return
 
     def _watch(self) -> None:
         tick = time.monotonic()
