@@ -13,6 +13,8 @@ Scenarios (each trial is one fresh job in its own directory; cold start and reco
                 size 1 once the liveness heartbeat (or, before it, --dist.timeout_s) notices.
   frozen store  the same, the node of rank 0, whose worker hosts the job's c10d store.
   hung rank     one torchrun, 2 workers; worker rank 1 is SIGSTOPped (alive, silent).
+  stalled rank  the same, worker rank 1 sleeps in its step at step 6 (alive, its heartbeat thread beating): the
+                hang limit (learned: its floor, 60 s) notices.
 The failure kinds run with DEFAULT settings (--dist.timeout_s 300). ``--code DIR`` runs another checkout (e.g. a
 ``git worktree`` of the code before liveness) for the comparison: expect dist.timeout_s plus a restart there.
 ``--extra="--dist.heartbeat_s 0"`` (with the =) passes trainer flags to every job; that one turns liveness
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -44,9 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import elastic_util  # noqa: E402
 from elastic_util import Jobs, descendants, kill_tree, read_records, torchrun_cmd, wait_for_record, worker_env  # noqa: E402
-from helpers import tiny_args  # noqa: E402
+from elastictrain.faults import FaultInjector  # noqa: E402
+from helpers import tiny_args, wait_for  # noqa: E402
 
 TARGET = 1.5
+LIMIT_S = 900.0
+"""How long a frozen or hung scenario waits for a resumed step (--limit-s): 3 x the default --dist.timeout_s."""
 EXTRA: list[str] = []  # --extra: trainer flags added to every job
 
 
@@ -62,7 +68,16 @@ def worker_of_rank(agent_pid: int, rank: str) -> int:
     return next(pid for pid in descendants(agent_pid) if worker_env(pid, "RANK") == rank)
 
 
-def first_step_after_resume(run_dir: Path, timeout: float) -> dict[str, Any]:
+class NoRecovery(Exception):
+    """No resumed step within the scenario's limit; carries the cold start and the run's log tail."""
+
+    def __init__(self, cold: float, run_dir: Path, timeout: float) -> None:
+        tail = (run_dir / "train.log").read_text(errors="replace")[-1500:] if (run_dir / "train.log").exists() else ""
+        super().__init__(f"no resumed step {timeout:.0f} s after the failure; train.log ends:\n{tail}")
+        self.cold = cold
+
+
+def first_step_after_resume(run_dir: Path, timeout: float, cold: float = math.nan) -> dict[str, Any]:
     def after_resume(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         resumed = False
         for r in records:
@@ -77,7 +92,7 @@ def first_step_after_resume(run_dir: Path, timeout: float) -> dict[str, Any]:
         if found:
             return found
         time.sleep(0.02)
-    raise TimeoutError(f"no resumed step in {run_dir} after {timeout}s")
+    raise NoRecovery(cold, run_dir, timeout)
 
 
 def worker_crash(root: Path) -> tuple[float, float]:
@@ -129,7 +144,7 @@ def frozen(root: Path, rank: str) -> tuple[float, float]:
         lost = next(a for a in agents if any(worker_env(p, "RANK") == rank for p in descendants(a.pid)))
         stopped = time.time()
         kill_tree(lost.pid, signal.SIGSTOP)
-        resumed = first_step_after_resume(run_dir, 900)
+        resumed = first_step_after_resume(run_dir, LIMIT_S, first["time"] - launched)
         assert resumed["world_size"] == 1, resumed
         return first["time"] - launched, resumed["time"] - stopped
     finally:
@@ -146,8 +161,24 @@ def hung_rank(root: Path) -> tuple[float, float]:
         victim = worker_of_rank(agent.pid, "1")
         stopped = time.time()
         os.kill(victim, signal.SIGSTOP)
-        resumed = first_step_after_resume(run_dir, 900)
+        resumed = first_step_after_resume(run_dir, LIMIT_S, first["time"] - launched)
         return first["time"] - launched, resumed["time"] - stopped
+    finally:
+        jobs.cleanup()
+
+
+def stalled_rank(root: Path) -> tuple[float, float]:
+    """One torchrun, 2 workers; worker rank 1 sleeps in its step (``stall`` fault), its threads alive."""
+    jobs, run_dir, fault = Jobs(root), root / "run", "stall@step=6:rank=1"
+    try:
+        launched = time.time()
+        agent = jobs.start(torchrun_cmd(job_args(run_dir, "--epochs", "6", "--debug.fault", fault), root, nproc=2),
+                           "agent")
+        first = wait_for_record(run_dir, is_train, 300, "first step", agent)
+        marker = FaultInjector(fault, run_dir, rank=1).marker
+        wait_for(lambda: marker.exists(), 300, "the stall")
+        resumed = first_step_after_resume(run_dir, LIMIT_S, first["time"] - launched)
+        return first["time"] - launched, resumed["time"] - marker.stat().st_mtime
     finally:
         jobs.cleanup()
 
@@ -160,21 +191,28 @@ def main() -> int:
     parser.add_argument("--code", type=Path, help="run the trainer of this checkout instead (for 'today')")
     parser.add_argument("--extra", default="",
                         help="trainer flags for every job, e.g. --extra=\"--dist.heartbeat_s 0\"")
+    parser.add_argument("--limit-s", type=float, default=LIMIT_S,
+                        help="how long a frozen or hung scenario waits for a resumed step (then: none, inf)")
     args = parser.parse_args()
     EXTRA[:] = args.extra.split()
+    globals()["LIMIT_S"] = args.limit_s
     os.environ.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     if args.code:  # the workers run `-m elastictrain` in the jobs' working directory
         elastic_util.ROOT = args.code.resolve()
         os.environ["PYTHONPATH"] = str(args.code.resolve())
     scenarios = {"worker crash": worker_crash, "node loss": node_loss,
                  "frozen node": lambda root: frozen(root, "1"), "frozen store": lambda root: frozen(root, "0"),
-                 "hung rank": hung_rank}
+                 "hung rank": hung_rank, "stalled rank": stalled_rank}
     results: dict[str, list[tuple[float, float]]] = {}
     for name in [s.strip() for s in args.scenarios.split(",")]:
         results[name] = []
         for trial in range(args.trials):
             with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
-                cold, recovery = scenarios[name](Path(tmp))
+                try:
+                    cold, recovery = scenarios[name](Path(tmp))
+                except NoRecovery as e:  # today's code may never recover: a finding, not a crash of the bench
+                    cold, recovery = e.cold, math.inf
+                    print(f"{name} trial {trial + 1}: {e}", flush=True)
             results[name].append((cold, recovery))
             print(f"{name} trial {trial + 1}: cold start {cold:.2f}s, recovery {recovery:.2f}s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
@@ -193,7 +231,10 @@ def main() -> int:
 
 
 def _cell(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+    def s(v: float) -> str:
+        return f"> {LIMIT_S:.0f}" if math.isinf(v) else f"{v:.1f}"
+
+    return f"{s(statistics.median(values))} ({s(min(values))}-{s(max(values))})"
 
 
 if __name__ == "__main__":
