@@ -64,6 +64,15 @@ def is_train(r: dict[str, Any], world_size: int | None = None, min_step: int = 0
     return r["kind"] == "train" and r["step"] >= min_step and world_size in (None, r["world_size"])
 
 
+def past_step_6(run_dir: Path, agent: Any = None) -> None:
+    """At world size 2 past step 6 and the epoch-1 snapshot (step 4) committed: a failure from here on must
+    resume, not start over (the commit runs in the background and may land after step 6 on a loaded machine;
+    without it the recovered job starts fresh, which is no resume to time)."""
+    wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
+    wait_for(lambda: (run_dir / "snapshots" / "epoch00001-step00000004" / "COMMIT.json").exists(), 60,
+             "the epoch-1 snapshot committed")
+
+
 def worker_of_rank(agent_pid: int, rank: str) -> int:
     return next(pid for pid in descendants(agent_pid) if worker_env(pid, "RANK") == rank)
 
@@ -101,7 +110,7 @@ def worker_crash(root: Path) -> tuple[float, float]:
         launched = time.time()
         agent = jobs.start(torchrun_cmd(job_args(run_dir), root, nproc=2), "agent")
         first = wait_for_record(run_dir, is_train, 300, "first step", agent)
-        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
+        past_step_6(run_dir, agent)
         victim = worker_of_rank(agent.pid, "1")
         killed = time.time()
         os.kill(victim, 9)
@@ -119,7 +128,7 @@ def node_loss(root: Path) -> tuple[float, float]:
         agents = [jobs.start(torchrun_cmd(job_args(run_dir), root, nnodes="1:2", rdzv_id=rdzv_id), f"node-{i}")
                   for i in range(2)]
         first = wait_for_record(run_dir, is_train, 300, "first step")
-        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6")
+        past_step_6(run_dir)
         lost = next(a for a in agents if any(worker_env(p, "RANK") == "0" for p in descendants(a.pid)))
         killed = time.time()
         kill_tree(lost.pid)
@@ -140,7 +149,7 @@ def frozen(root: Path, rank: str) -> tuple[float, float]:
         agents = [jobs.start(torchrun_cmd(job_args(run_dir, "--epochs", "6"), root, nnodes="1:2", rdzv_id=rdzv_id),
                              f"node-{i}") for i in range(2)]
         first = wait_for_record(run_dir, is_train, 300, "first step")
-        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6")
+        past_step_6(run_dir)
         lost = next(a for a in agents if any(worker_env(p, "RANK") == rank for p in descendants(a.pid)))
         stopped = time.time()
         kill_tree(lost.pid, signal.SIGSTOP)
@@ -157,7 +166,7 @@ def hung_rank(root: Path) -> tuple[float, float]:
         launched = time.time()
         agent = jobs.start(torchrun_cmd(job_args(run_dir, "--epochs", "6"), root, nproc=2), "agent")
         first = wait_for_record(run_dir, is_train, 300, "first step", agent)
-        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
+        past_step_6(run_dir, agent)
         victim = worker_of_rank(agent.pid, "1")
         stopped = time.time()
         os.kill(victim, signal.SIGSTOP)
@@ -177,6 +186,8 @@ def stalled_rank(root: Path) -> tuple[float, float]:
         first = wait_for_record(run_dir, is_train, 300, "first step", agent)
         marker = FaultInjector(fault, run_dir, rank=1).marker
         wait_for(lambda: marker.exists(), 300, "the stall")
+        wait_for(lambda: (run_dir / "snapshots" / "epoch00001-step00000004" / "COMMIT.json").exists(), 60,
+                 "the epoch-1 snapshot committed")
         resumed = first_step_after_resume(run_dir, LIMIT_S, first["time"] - launched)
         return first["time"] - launched, resumed["time"] - marker.stat().st_mtime
     finally:
