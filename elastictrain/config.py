@@ -115,7 +115,7 @@ class DistConfig:
     """'auto' (ddp when world size > 1), 'none', 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
     heartbeat_s: float = 1.0
     """Heartbeat period through the job's c10d store (peer liveness and progress, see elastictrain/liveness.py); 0 = off."""
-    peer_timeout_s: float = 10.0
+    peer_timeout_s: float = 5.0
     """A peer whose heartbeat is silent this long (or a store that does not answer) is lost: this worker exits 1."""
     hang_timeout_s: float = 0.0
     """Seconds without progress before a rank is hung (stack to its log, exit 1); 0 = learned: max(60, 5 x the slowest time of the phase so far)."""

@@ -135,6 +135,7 @@ class Verdict:
     message: str
     dump_stack: bool = False
     stopped_peer: int | None = None
+    stopped_rank: int = -1
     """The pid of a lost peer that is a stopped process on this host: continued (its faulthandler writes its
     stack), then killed, so its agent does not wait 30 s for it to handle SIGTERM before it re-rendezvouses."""
 
@@ -147,6 +148,9 @@ class Judge:
         self.rank, self.peer_timeout_s, self.store = rank, peer_timeout_s, store
         self.peers = {r: Peer(seen=now) for r in range(world_size) if r != rank}
         self.store_ok = now
+        self.longest = (0.0, -1)
+        """(seconds, rank): the longest a peer's heartbeat was silent and then came back, for the log at the
+        end (how close a healthy run came to ``peer_timeout_s``)."""
 
     def forgive(self, now: float) -> None:
         """This watchdog itself did not run for a while (the whole process was stopped, e.g. SLURM's suspend,
@@ -163,6 +167,8 @@ class Judge:
             if peer is None or beat is None:
                 continue
             if beat.get("seq") != peer.beat.get("seq"):
+                if peer.beat and now - peer.seen > self.longest[0]:
+                    self.longest = (now - peer.seen, r)
                 peer.seen = now
             peer.beat = beat
 
@@ -182,7 +188,8 @@ class Judge:
                 stopped = _stopped_here(peer.beat)
                 note = f", its process {stopped} on this host is stopped (its stack goes to its log)" if stopped else ""
                 return Verdict(f"lost rank {r} on host {peer.beat.get('host', '?')}: no heartbeat for "
-                               f"{now - peer.seen:.1f} s{note}; exiting {EXIT_CODE}", stopped_peer=stopped)
+                               f"{now - peer.seen:.1f} s{note}; exiting {EXIT_CODE}", stopped_peer=stopped,
+                               stopped_rank=r)
         live = [(r, p.beat) for r, p in self.peers.items() if p.beat and not p.beat.get("done")]
         behind = [(r, b) for r, b in live if _behind(b, _stalled(b, now, self.peers[r].seen), mine)]
         if mine["stalled_s"] >= mine["limit_s"] and not behind:
@@ -262,6 +269,10 @@ class Watchdog:
         if self.done.is_set():
             return
         self.done.set()
+        silence, peer = self.judge.longest
+        if peer >= 0 and self.rank == 0:
+            log.info("liveness: the longest silence of a peer's heartbeat was %.1f s (rank %d; "
+                     "--dist.peer_timeout_s %g)", silence, peer, self.judge.peer_timeout_s)
         for thread in self.threads:
             thread.join(timeout=1.0)
         if self.connect is not None and not any(t.is_alive() for t in self.threads):
@@ -303,6 +314,13 @@ class Watchdog:
             if verdict is not None and not self.done.is_set():
                 self._stop_worker(verdict)
 
+    def _rank_log(self, rank: int) -> Path | None:
+        """The log a peer's stack goes to (as :func:`watch` names it), beside this rank's own."""
+        if self.stack_file is None:
+            return None
+        run_dir = self.stack_file.parent if self.rank == 0 else self.stack_file.parent.parent
+        return run_dir / ("train.log" if rank == 0 else f"logs/rank{rank}.log")
+
     def _exchange(self, mine: dict[str, Any]) -> None:
         """Write our record and read every peer's; a store that fails or times out just does not answer, and
         the client is dropped (a reply that comes late would be read as the answer to the next request)."""
@@ -326,10 +344,17 @@ class Watchdog:
         if verdict.dump_stack:
             dump_stacks(self.stack_file)
         if verdict.stopped_peer:
+            peer_log = self._rank_log(verdict.stopped_rank)
+            before = _size(peer_log)
             with contextlib.suppress(OSError):
                 os.kill(verdict.stopped_peer, STACK_SIGNAL)  # pending until continued: then it writes its stack
                 os.kill(verdict.stopped_peer, signal.SIGCONT)
-                time.sleep(1.0)
+                # Until its stack is in its log (a continued process on a loaded machine may take a while to
+                # run its handler), at most 3 s; then it goes, so its agent does not wait for it.
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline and _size(peer_log) <= before:
+                    time.sleep(0.05)
+                time.sleep(0.2)
                 os.kill(verdict.stopped_peer, signal.SIGKILL)
         for handler in logging.getLogger("elastictrain").handlers + logging.getLogger().handlers:
             with contextlib.suppress(Exception):
@@ -382,6 +407,13 @@ def stacks_on_request(path: Path, taken: list[str]) -> None:
     if not existed:  # faulthandler needs the file open in advance; a rank log means trouble, so no empty one
         atexit.register(_remove_if_empty, path)
     faulthandler.register(STACK_SIGNAL, file=f, all_threads=True, chain=False)
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
 
 
 def _remove_if_empty(path: Path) -> None:
