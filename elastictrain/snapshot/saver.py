@@ -35,8 +35,11 @@ class Saver:
     """
 
     def __init__(self, cfg: CheckpointConfig, ctx: DistContext, root: Path, engine: Engine,
-                 prepare: Callable[[], None] | None, faults: FaultInjector | None) -> None:
+                 prepare: Callable[[], None] | None, faults: FaultInjector | None,
+                 log_level: int = logging.INFO) -> None:
         self.cfg, self.ctx, self.root, self.engine = cfg, ctx, root, engine
+        self.log_level = log_level
+        """Of the commit and retention lines (the local tier commits every few steps: DEBUG)."""
         self.prepare = prepare
         self.faults = faults
         self.held_step = -1
@@ -147,7 +150,7 @@ class Saver:
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
                 record = manifest.write_commit(path, {**info, "rank_steps": steps,
                                                       "entries": proof.combine(complete, partials)})
-                log.info("snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
+                log.log(self.log_level, "snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
                          len(record["files"]), manifest.human_size(Snapshot(path, record).size),
                          record["checksum_seconds"])
                 self._apply_retention()
@@ -166,7 +169,7 @@ class Saver:
                                                           "val_loss": best.commit["val_loss"]})  # type: ignore[index]
         for victim in manifest.retention_victims(snapshots, self.cfg.keep, best.name if best else None):
             shutil.rmtree(victim.path, ignore_errors=True)
-            log.info("retention: removed rolling snapshot %s", victim.name)
+            log.log(self.log_level, "retention: removed rolling snapshot %s", victim.name)
 
     def wait(self) -> None:
         """Block until the snapshot in flight (if any) is committed on every rank; a failure on any rank is
