@@ -8,6 +8,13 @@ Scenarios (each trial is one fresh job in its own directory; cold start and reco
   node loss     two torchrun agents (--nnodes 1:2, c10d on a file store, the notes' --rdzv-conf), one worker
                 each; the node running global rank 0 (agent and worker) is SIGKILLed at step >= 6; the other
                 agent continues at world size 1.
+  frozen node   the same two agents; the node of rank 1 is SIGSTOPped whole (agent and worker): a host that
+                is gone without closing a socket (no FIN), as when its link is cut; the job continues at world
+                size 1 once the liveness heartbeat (or, before it, --dist.timeout_s) notices.
+  frozen store  the same, the node of rank 0, whose worker hosts the job's c10d store.
+  hung rank     one torchrun, 2 workers; worker rank 1 is SIGSTOPped (alive, silent).
+The failure kinds run with DEFAULT settings (--dist.timeout_s 300). ``--code DIR`` runs another checkout (e.g. a
+``git worktree`` of the code before liveness) for the comparison: expect dist.timeout_s plus a restart there.
 
 cold start = command launched -> its first training step (metrics.jsonl ``time``);
 recovery   = kill -> the first training step logged after the resume (any replayed step counts: it is the
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import elastic_util  # noqa: E402
 from elastic_util import Jobs, descendants, kill_tree, read_records, torchrun_cmd, wait_for_record, worker_env  # noqa: E402
 from helpers import tiny_args  # noqa: E402
 
@@ -101,14 +110,55 @@ def node_loss(root: Path) -> tuple[float, float]:
         jobs.cleanup()
 
 
+def frozen(root: Path, rank: str) -> tuple[float, float]:
+    """Two agents; SIGSTOP the whole node (agent and worker) of ``rank``: nothing of it closes a socket."""
+    jobs, run_dir, rdzv_id = Jobs(root), root / "run", uuid.uuid4().hex[:12]
+    try:
+        launched = time.time()
+        agents = [jobs.start(torchrun_cmd(tiny_args(run_dir, "--epochs", "6"), root, nnodes="1:2", rdzv_id=rdzv_id),
+                             f"node-{i}") for i in range(2)]
+        first = wait_for_record(run_dir, is_train, 300, "first step")
+        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6")
+        lost = next(a for a in agents if any(worker_env(p, "RANK") == rank for p in descendants(a.pid)))
+        stopped = time.time()
+        kill_tree(lost.pid, signal.SIGSTOP)
+        resumed = first_step_after_resume(run_dir, 900)
+        assert resumed["world_size"] == 1, resumed
+        return first["time"] - launched, resumed["time"] - stopped
+    finally:
+        jobs.cleanup()
+
+
+def hung_rank(root: Path) -> tuple[float, float]:
+    jobs, run_dir = Jobs(root), root / "run"
+    try:
+        launched = time.time()
+        agent = jobs.start(torchrun_cmd(tiny_args(run_dir, "--epochs", "6"), root, nproc=2), "agent")
+        first = wait_for_record(run_dir, is_train, 300, "first step", agent)
+        wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
+        victim = worker_of_rank(agent.pid, "1")
+        stopped = time.time()
+        os.kill(victim, signal.SIGSTOP)
+        resumed = first_step_after_resume(run_dir, 900)
+        return first["time"] - launched, resumed["time"] - stopped
+    finally:
+        jobs.cleanup()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--scenarios", default="worker crash,node loss")
+    parser.add_argument("--scenarios", default="worker crash,node loss,frozen node,frozen store,hung rank")
+    parser.add_argument("--code", type=Path, help="run the trainer of this checkout instead (for 'today')")
     args = parser.parse_args()
     os.environ.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    scenarios = {"worker crash": worker_crash, "node loss": node_loss}
+    if args.code:  # the workers run `-m elastictrain` in the jobs' working directory
+        elastic_util.ROOT = args.code.resolve()
+        os.environ["PYTHONPATH"] = str(args.code.resolve())
+    scenarios = {"worker crash": worker_crash, "node loss": node_loss,
+                 "frozen node": lambda root: frozen(root, "1"), "frozen store": lambda root: frozen(root, "0"),
+                 "hung rank": hung_rank}
     results: dict[str, list[tuple[float, float]]] = {}
     for name in [s.strip() for s in args.scenarios.split(",")]:
         results[name] = []

@@ -91,19 +91,24 @@ def run_training(cfg: Config) -> int:
         stop = signal.Signals[cfg.preemption.signals[0]] if cfg.preemption.signals else signal.SIGTERM
         lifeline.watch_launcher(stop, cfg.preemption.deadline_s)
     setup_logging(None, launcher().rank)  # stderr until the run directory is ours
-    ctx = trainer = lock = None
+    ctx = trainer = lock = watchdog = None
     try:
         ctx = init_distributed(cfg)
         lock = runlock.acquire(cfg, ctx)  # before anything reads or writes the run directory
         setup_logging(Path(cfg.run.dir), ctx.rank)
+        from elastictrain import liveness
         from elastictrain.trainer import Trainer
 
-        trainer = Trainer(cfg, ctx, preemption)
+        progress = liveness.Progress()
+        watchdog = liveness.start_for(cfg, ctx, progress)
+        trainer = Trainer(cfg, ctx, preemption, progress)
         return trainer.train()
     except UserError as e:
         log.error("%s", user_message(e))
         return EXIT_USER_ERROR
     finally:
+        if watchdog is not None:  # first: a peer that finished and went away is no loss
+            watchdog.stop()
         if trainer is not None:
             trainer.close()
         else:
@@ -111,6 +116,7 @@ def run_training(cfg: Config) -> int:
         if lock is not None:
             lock.release()
         teardown(ctx)
+        preemption.hold_to_exit()
 
 
 def main(argv: list[str] | None = None) -> int:

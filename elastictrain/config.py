@@ -24,11 +24,11 @@ class RunConfig:
     """Run directory: everything a run writes (snapshots, logs, metrics, final model) goes under it."""
     seed: int = 0
     """Seed for data generation, the per-epoch sample order, augmentation and model init."""
-    name: str = ""
-    """Human-readable run name (wandb run name); empty means the run directory's name."""
     lock_lease_s: float = 30.0
     """Lease of the run directory's lock (RUN_DIR/.lock): another host may take the lock over this long after
     its holder's last renewal (every lease/5 s). Hosts sharing a run directory need clocks agreeing well within it."""
+    name: str = ""
+    """Human-readable run name (wandb run name); empty means the run directory's name."""
 
 
 @dataclass
@@ -55,8 +55,8 @@ class DataConfig:
     """For source=folder: a text file naming the validation images (file name or stem per line); the rest train."""
     augment: Any = "default"
     """Training augmentations (torchvision v2, see elastictrain/augment.py): 'default', 'none', or a list like [hflip, {rotate: {degrees: 30}}]."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    num_workers: int | str = "auto"
+    """DataLoader worker processes per rank (0 loads in the training process); 'auto' = the cores per rank minus the one training uses, at most 8."""
 
 
 @dataclass
@@ -110,9 +110,15 @@ class DistConfig:
     backend: str = "auto"
     """Process-group backend: 'auto' (nccl on CUDA, gloo otherwise), 'gloo' or 'nccl'."""
     timeout_s: float = 300.0
-    """Collective timeout: a hung peer fails the job (which torchrun can restart) after this long."""
+    """Collective timeout: the last resort for a hung peer (liveness below notices a lost one in seconds)."""
     strategy: str = "auto"
     """'auto' (ddp when world size > 1), 'none', 'ddp' or 'fsdp' (FSDP2 fully_shard)."""
+    heartbeat_s: float = 1.0
+    """Heartbeat period through the job's c10d store (peer liveness and progress, see elastictrain/liveness.py); 0 = off."""
+    peer_timeout_s: float = 10.0
+    """A peer whose heartbeat is silent this long (or a store that does not answer) is lost: this worker exits 1."""
+    hang_timeout_s: float = 0.0
+    """Seconds without progress before a rank is hung (stack to its log, exit 1); 0 = learned: max(60, 5 x the slowest time of the phase so far)."""
 
 
 @dataclass
@@ -166,7 +172,7 @@ class PreemptionConfig:
 @dataclass
 class DebugConfig:
     fault: str = ""
-    """Test-only fault injection 'KIND@WHERE[:rank=R]', fired once per run dir (see elastictrain/faults.py)."""
+    """Test-only fault injection 'KIND@WHERE[:rank=R]' (several: comma-separated), fired once per run dir (see elastictrain/faults.py)."""
     deterministic: bool = True
     """Use deterministic algorithms (bitwise-repeatable runs at a fixed world size)."""
 
@@ -246,7 +252,12 @@ def _coerce(value: Any, tp: Any, flag: str, from_cli: bool) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], flag, from_cli)
+        for tp_ in inner[:-1]:  # int | str: a number when it reads as one, else the word ('auto')
+            try:
+                return _coerce(value, tp_, flag, from_cli)
+            except ValueError:
+                pass
+        return _coerce(value, inner[-1], flag, from_cli)
     if origin is list:
         if from_cli and isinstance(value, str):
             value = [] if value.strip() in ("", "[]") else [v.strip() for v in value.strip("[]").split(",")]
@@ -335,12 +346,18 @@ def validate(cfg: Config) -> list[str]:
     }
     p += [f"--{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     non_negative = {
-        "train.micro_batch_size": cfg.train.micro_batch_size, "data.num_workers": cfg.data.num_workers,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
         "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip, "checkpoint.permanent_every": cfg.checkpoint.permanent_every,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
     }
     p += [f"--{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    workers = cfg.data.num_workers
+    if workers != "auto" and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
+        p.append(f"--data.num_workers: a number of worker processes >= 0 or 'auto', got {workers!r}")
+    # Renewed every lease / 5 s by a heartbeat thread: below 1 s it spins, above a day its sleep overflows.
+    if cfg.run.lock_lease_s > 0 and not 1 <= cfg.run.lock_lease_s <= 86400:
+        p.append(f"--run.lock_lease_s: must be between 1 and 86400 seconds, got {cfg.run.lock_lease_s}")
     from elastictrain.snapshot.interval import EveryMinutes
 
     try:
@@ -364,6 +381,7 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--preemption.exit_code: must be between 3 and 125, got {cfg.preemption.exit_code} (0 means "
                  "finished, 1 failed, 2 invalid configuration; 126-255 are the shell's 'cannot run' and "
                  "'killed by a signal')")
+    p += _liveness_problems(cfg.dist)
     if cfg.data.num_classes < 2:
         p.append(f"--data.num_classes: must be >= 2 (background + at least one class), got {cfg.data.num_classes}")
     if cfg.checkpoint.keep < 2:
@@ -397,10 +415,22 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"--preemption.signals: {name!r} is not a catchable signal name (e.g. SIGTERM, SIGUSR1)")
     if cfg.debug.fault:
         from elastictrain.faults import parse_fault
-        try:
-            parse_fault(cfg.debug.fault)
-        except ValueError as e:
-            p.append(f"--debug.fault: {e}")
+        for spec in cfg.debug.fault.split(","):
+            try:
+                parse_fault(spec)
+            except ValueError as e:
+                p.append(f"--debug.fault: {e}")
+    return p
+
+
+def _liveness_problems(d: DistConfig) -> list[str]:
+    """Heartbeat, peer and hang timeouts: finite, and a peer timeout that several heartbeats fit in."""
+    p = [f"--dist.{k}: must be a number >= 0, got {v}" for k, v in
+         (("heartbeat_s", d.heartbeat_s), ("peer_timeout_s", d.peer_timeout_s), ("hang_timeout_s", d.hang_timeout_s))
+         if not (math.isfinite(v) and v >= 0)]
+    if not p and d.heartbeat_s > 0 and d.peer_timeout_s < 3 * d.heartbeat_s:
+        p.append(f"--dist.peer_timeout_s: must be at least 3 x --dist.heartbeat_s ({3 * d.heartbeat_s:g}) so one "
+                 f"late heartbeat is no loss, got {d.peer_timeout_s}")
     return p
 
 

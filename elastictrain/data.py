@@ -8,9 +8,10 @@ Two ideas make a restart at another world size neither repeat nor skip a sample:
 * A sample is addressed by the key ``(epoch, index)``, and all of its randomness (generation,
   augmentation) comes from ``(seed, epoch, index)``: it looks the same on whichever rank or worker loads it.
 
-Folder data (``data.source: folder``) is scanned once at start-up, on rank 0, and the result is shared with
-every rank: which files pair up, how they split into train and val, and every bad file found, all named in
-one error that every rank raises together.
+Folder data (``data.source: folder``) is listed on rank 0 and checked at start-up by every rank (each its
+share, in a process pool), and the result is shared with every rank: which files pair up, how they split
+into train and val, and every bad file found, all named in one error that every rank raises together. The
+checks are cached in the run directory (:mod:`elastictrain.scan_cache`): a restart opens only changed files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import abc
 import atexit
 import contextlib
 import hashlib
+import functools
 import logging
 import multiprocessing
 import signal
@@ -32,11 +34,12 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from elastictrain import augment, lifeline
+from elastictrain import augment, lifeline, scan_cache
 from elastictrain.augment import Normalization, SamplePipeline
 from elastictrain.config import Config, DataConfig
-from elastictrain.dist import DistContext, broadcast_object, world_of_one
+from elastictrain.dist import DistContext, on_main_together, world_of_one
 from elastictrain.errors import UserError
+from elastictrain.osutil import cores_per_rank
 from elastictrain.console import progress
 
 log = logging.getLogger(__name__)
@@ -457,6 +460,10 @@ class FolderScan:
     problems: list[str] = field(default_factory=list)
     layout: str = ""
     """'train/ and val/ folders', 'val_list FILE' or 'val_fraction F': how the split was made (for the log)."""
+    checked: int = 0
+    """Pairs whose files this scan opened (on all ranks together)."""
+    reused: int = 0
+    """Pairs answered by the scan cache without opening a file (their size and mtime had not changed)."""
 
     def raise_problems(self, root: str) -> None:
         """One UserError naming every bad file (the first ``_LISTED_PROBLEMS``, then a count)."""
@@ -475,7 +482,21 @@ def scan_folder(data: DataConfig, seed: int, bar: Callable[[list, int, str], Ite
     ``root/{images,masks}`` split by ``data.val_list`` (a file naming the validation images) or else by a
     seeded ``data.val_fraction``. Problems are collected, not raised, so that one run names them all.
     ``bar(iterable, total, description)`` wraps the check of every pair in a progress bar.
+    This is the serial scan in one process; start-up uses :func:`scan_folder_cached`.
     """
+    scan = list_folder(data, seed)
+    pairs = scan.train + scan.val  # checked even when some files are missing: one run names every problem
+    for image_path, mask_path in (bar or _no_bar)(pairs, len(pairs), "checking data"):
+        problem = check_pair(image_path, mask_path, data.num_classes, data.ignore_index)
+        if problem:
+            scan.problems.append(problem)
+    scan.checked = len(pairs)
+    return scan
+
+
+def list_folder(data: DataConfig, seed: int) -> FolderScan:
+    """The pairs and their split under ``data.root``, with the problems of the listing (missing folders,
+    images without a mask, a bad val_list); no file is opened. See :func:`scan_folder` for the layouts."""
     root = Path(data.root)
     scan = FolderScan()
     try:
@@ -491,15 +512,32 @@ def scan_folder(data: DataConfig, seed: int, bar: Callable[[list, int, str], Ite
             elif pairs:
                 scan.train, scan.val = split_pairs(pairs, data.val_fraction, seed)
                 scan.layout = f"--data.val_fraction {data.val_fraction}"
-        pairs = scan.train + scan.val  # checked even when some files are missing: one run names every problem
-        for image_path, mask_path in (bar or _no_bar)(pairs, len(pairs), "checking data"):
-            problem = check_pair(image_path, mask_path, data.num_classes, data.ignore_index)
-            if problem:
-                scan.problems.append(problem)
     except OSError as e:  # e.g. a folder we may not read: reported like any bad file, on every rank
         scan.problems.append(f"{getattr(e, 'filename', None) or root}: {e.strerror or e}")
     except UnicodeDecodeError as e:
         scan.problems.append(f"--data.val_list {data.val_list}: not a text file ({e})")
+    return scan
+
+
+def scan_folder_cached(data: DataConfig, seed: int, ctx: DistContext, cache: Path | None = None,
+                       bar: Callable[[list, int, str], Iterable] | None = None,
+                       processes: int | None = None) -> FolderScan:
+    """:func:`scan_folder` for start-up: the same result on every rank, at a cost that does not grow with the
+    data set once ``cache`` holds it.
+
+    Rank 0 lists the folder (cheap: no file is opened) and shares the listing. Every pair is then answered by
+    the scan cache when its files' size and mtime are those recorded there, and checked with
+    :func:`check_pair` otherwise: each rank checks its share (in a pool of ``processes``, default one per core
+    of this rank), and the problems are gathered in file order, so every rank names the same bad files as a
+    1-rank scan would. Rank 0 writes the cache back (see :mod:`elastictrain.scan_cache`).
+    """
+    scan = on_main_together(ctx, lambda: list_folder(data, seed))
+    settings = {"num_classes": data.num_classes, "ignore_index": data.ignore_index}
+    check = functools.partial(check_pair, num_classes=data.num_classes, ignore_index=data.ignore_index)
+    result = scan_cache.check_pairs(scan.train + scan.val, check, Path(data.root), settings, ctx, cache,
+                                    bar or _no_bar, processes)
+    scan.problems += result.problems
+    scan.checked, scan.reused = result.checked, result.reused
     return scan
 
 
@@ -631,12 +669,13 @@ def pipelines(cfg: Config, normalization: Normalization) -> tuple[SamplePipeline
             SamplePipeline([], size, normalization, fill))
 
 
-def build_datasets(cfg: Config, ctx: DistContext | None = None,
-                   normalization: Normalization | None = None) -> tuple[SegmentationDataset, SegmentationDataset]:
+def build_datasets(cfg: Config, ctx: DistContext | None = None, normalization: Normalization | None = None,
+                   scan_cache_file: Path | None = None) -> tuple[SegmentationDataset, SegmentationDataset]:
     """Return the (train, val) datasets described by ``cfg.data``; only train augments.
 
-    Folder data is scanned on rank 0 and the result broadcast, so every rank trains on the same file list
-    and, when something is wrong, every rank raises the same UserError at the same moment.
+    Folder data is scanned by :func:`scan_folder_cached` (through ``scan_cache_file`` when given), so every
+    rank trains on the same file list and, when something is wrong, every rank raises the same UserError at
+    the same moment.
     """
     data, seed = cfg.data, cfg.run.seed
     ctx = ctx or world_of_one()
@@ -648,11 +687,13 @@ def build_datasets(cfg: Config, ctx: DistContext | None = None,
         def bar(pairs: list, total: int, desc: str) -> Iterable:
             return progress(pairs, total, desc, cfg, ctx.rank)
 
-        scan = broadcast_object(ctx, scan_folder(data, seed, bar) if ctx.is_main else None)
+        scan = scan_folder_cached(data, seed, ctx, scan_cache_file, bar)
         scan.raise_problems(data.root)
         if ctx.is_main:
             log.info("data: %d training and %d validation images from %s (split: %s)", len(scan.train),
                      len(scan.val), data.root, scan.layout)
+            log.info("data: checked %d pair(s), %d unchanged since the scan cache %s", scan.checked, scan.reused,
+                     scan_cache_file or "(none)")
         return (FolderDataset(scan.train, data.num_classes, train_pipe, data.ignore_index),
                 FolderDataset(scan.val, data.num_classes, eval_pipe, data.ignore_index))
     raise ValueError(f"--data.source: must be one of generated, folder, got {data.source!r}")
@@ -688,20 +729,46 @@ def sample_order_changes(before: dict[str, Any], now: dict[str, Any]) -> list[st
 
 @dataclass
 class Loaders:
-    """This rank's data: a resumable train sampler, a fresh train loader per (epoch, offset), the val loader."""
+    """This rank's data: a resumable train sampler and its loader, the val loader.
+
+    With workers, one train loader serves every epoch and its workers persist: each epoch (or restart
+    position) re-positions the sampler, which the loader iterates afresh in this process, and every sample's
+    randomness comes from its key, not from a worker's seed, so the samples stay those of the exact order.
+    """
 
     train_sampler: ResumableSampler
     val_loader: DataLoader
     train_set: SegmentationDataset
     num_workers: int
+    pin_memory: bool = False
+    """Page-locked batches (CUDA), so the copy to the device can overlap the step."""
+    _train_loader: DataLoader | None = field(default=None, repr=False)
 
     def train_loader(self, epoch: int, sample_offset: int) -> DataLoader:
-        """Position the sampler at ``sample_offset`` global samples into ``epoch`` and return a new loader."""
+        """Position the sampler at ``sample_offset`` global samples into ``epoch`` and return the loader."""
         self.train_sampler.set_position(epoch, sample_offset)
-        return DataLoader(self.train_set, batch_size=self.train_sampler.micro_batch, sampler=self.train_sampler,
-                          num_workers=self.num_workers, persistent_workers=False, pin_memory=False,
-                          drop_last=False, generator=_torch_generator(self.train_sampler.seed, _TRAIN_LOADER, epoch),
-                          worker_init_fn=_ignore_preemption_signals)
+        if self._train_loader is None or not self.num_workers:
+            sampler = self.train_sampler
+            self._train_loader = _loader(self.train_set, sampler, sampler.micro_batch, self.num_workers,
+                                         self.pin_memory, _torch_generator(sampler.seed, _TRAIN_LOADER, epoch),
+                                         sampler.accum_steps)
+        return self._train_loader
+
+
+def _loader(dataset: Dataset, sampler: Sampler, batch: int, num_workers: int, pin_memory: bool,
+            generator: torch.Generator, accum_steps: int = 1) -> DataLoader:
+    """A loader of ``sampler``'s micro-batches whose workers (if any) persist across iterations and keep about
+    two optimizer steps of micro-batches in flight."""
+    extra = {} if not num_workers else {"persistent_workers": True,
+                                        "prefetch_factor": max(2, -(-2 * accum_steps // num_workers))}
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      drop_last=False, generator=generator, worker_init_fn=_ignore_preemption_signals, **extra)
+
+
+def resolve_num_workers(setting: int | str, cores: int) -> int:
+    """``data.num_workers`` as a number: 'auto' leaves one core of this rank to training and gives the
+    others to loading, up to 8 (beyond that a worker rarely pays for its memory)."""
+    return min(8, max(0, cores - 1)) if setting == "auto" else int(setting)
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
@@ -735,14 +802,20 @@ def _kill_loader_workers() -> None:
 
 def build_loaders(cfg: Config, ctx: DistContext, micro_batch: int, accum_steps: int,
                   normalization: Normalization | None = None) -> Loaders:
-    """Build this rank's datasets, train sampler and val loader (each rank holds its own copies)."""
+    """Build this rank's datasets, train sampler and val loader (each rank holds its own copies).
+
+    Folder data's scan is cached in RUN_DIR/data_scan_cache.json: the run directory is ours to write (a
+    data folder may be read-only or shared by runs with other settings), and every restart reads it."""
     rank, world_size = ctx.rank, ctx.world_size
-    train_set, val_set = build_datasets(cfg, ctx, normalization)
+    train_set, val_set = build_datasets(cfg, ctx, normalization, Path(cfg.run.dir) / "data_scan_cache.json")
     sampler = ResumableSampler(len(train_set), cfg.run.seed, rank, world_size, micro_batch, accum_steps)
+    workers = resolve_num_workers(cfg.data.num_workers, cores_per_rank())
+    pin = ctx.device.type == "cuda"
+    if ctx.is_main and cfg.data.num_workers == "auto":
+        log.info("data: %d loader worker(s) per rank (--data.num_workers auto, %d cores per rank)", workers,
+                 cores_per_rank())
     # A private generator: otherwise every iter(DataLoader) draws its worker base seed from the global torch
     # RNG, and the number of loaders a run creates (it differs after a restart) would shift training's RNG.
-    val_loader = DataLoader(val_set, batch_size=micro_batch, sampler=ValSampler(len(val_set), rank, world_size),
-                            num_workers=cfg.data.num_workers, persistent_workers=False, pin_memory=False,
-                            drop_last=False, generator=_torch_generator(cfg.run.seed, _VAL_LOADER),
-                            worker_init_fn=_ignore_preemption_signals)
-    return Loaders(sampler, val_loader, train_set, cfg.data.num_workers)
+    val_loader = _loader(val_set, ValSampler(len(val_set), rank, world_size), micro_batch, workers, pin,
+                         _torch_generator(cfg.run.seed, _VAL_LOADER))
+    return Loaders(sampler, val_loader, train_set, workers, pin)

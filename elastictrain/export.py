@@ -6,6 +6,7 @@ Used for RUN_DIR/final_model.pt at the end of a run and by ``elastictrain ckpt e
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import torch
@@ -17,16 +18,29 @@ from elastictrain.osutil import atomic_path
 
 
 def check_target(out: Path) -> None:
-    """Refuse an output that is a directory or in a folder that does not exist (callers check before any
-    expensive work; :func:`export_model` checks again, since the target may change meanwhile).
+    """Refuse an output that is a directory, in a folder that does not exist, inside a snapshot (it would
+    damage it: the next start would fall back), or that exists as anything but a regular file (a device node,
+    a FIFO, a symbolic link). Callers check before any expensive work; :func:`export_model` checks again,
+    since the target may change meanwhile.
 
     Raises:
         UserError: naming the path.
     """
+    from elastictrain.snapshot.manifest import enclosing_snapshot
+
     if out.is_dir():
         raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.pt'}")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such directory for the exported model")
+    snapshot = enclosing_snapshot(out.parent)
+    if snapshot is not None:
+        raise UserError(f"{out}: inside snapshot {snapshot}; writing there would damage it. Write elsewhere")
+    try:
+        mode = out.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{out}: exists and is not a regular file; give a new path or a file to replace")
 
 
 def export_model(model: nn.Module, out: Path, ctx: DistContext) -> None:

@@ -1,6 +1,6 @@
 """Test-only fault injection, driven by ``--debug.fault`` (never by editing code).
 
-Form: ``KIND@POINT=N[:rank=R]`` e.g. ``sigkill@step=5``, ``sigkill@saving=8:rank=1``, ``sigterm@step=3``.
+Form: ``KIND@POINT=N[:rank=R][:seconds=S]`` e.g. ``sigkill@step=5``, ``sigkill@saving=8:rank=1``, ``sigterm@step=3``.
 
 KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
        raise    the rank raises RuntimeError (a Python crash; @record writes the error file)
@@ -9,6 +9,7 @@ KIND   sigkill  the rank SIGKILLs itself (a crash with no cleanup)
                 (what SLURM delivers: it signals every process of a job)
        hang     the rank SIGSTOPs itself (a frozen peer; others hit the collective timeout)
        stall    the rank sleeps for 10 minutes, signal handlers still running (a very slow step)
+       slow     the rank sleeps ``seconds`` (default 10) and goes on: a slow phase that is no hang
 POINT  start    after start-up, before the first step of this process (N is ignored; use 0)
        step     right after optimizer step N completed
        saving   right after the snapshot at optimizer step N was started (async copy and write in flight)
@@ -16,7 +17,9 @@ POINT  start    after start-up, before the first step of this process (N is igno
        saved    on the writer thread, right after the snapshot at step N was written (rank 0: committed)
                 (the snapshot points count optimizer steps, so they name mid-epoch snapshots too)
        restore  while restoring (N is ignored; use 0)
+       validate at the start of the validation after optimizer step N
 
+Several faults: separate them with commas (``slow@validate=4:seconds=8,slow@commit=8:seconds=8``).
 A fault fires once per run directory: a marker under RUN_DIR/.faults/ is created atomically first, so
 the restarted or re-run job goes on normally. Default rank is 0.
 """
@@ -30,9 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang", "stall")
-POINTS = ("start", "step", "saving", "commit", "saved", "restore")
-_FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?$")
+KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang", "stall", "slow")
+POINTS = ("start", "step", "saving", "commit", "saved", "restore", "validate")
+_FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?"
+                   r"(?::seconds=(?P<seconds>\d+(?:\.\d+)?))?$")
 
 
 @dataclass(frozen=True)
@@ -41,25 +45,31 @@ class Fault:
     point: str
     n: int
     rank: int
+    seconds: float = 10.0
 
 
 def parse_fault(spec: str) -> Fault:
-    """Parse ``KIND@POINT=N[:rank=R]``; raise ValueError with the accepted form otherwise."""
+    """Parse ``KIND@POINT=N[:rank=R][:seconds=S]``; raise ValueError with the accepted form otherwise."""
     m = _FORM.match(spec)
     if not m or m["kind"] not in KINDS or m["point"] not in POINTS:
-        raise ValueError(f"{spec!r} is not KIND@POINT=N[:rank=R] with KIND in {KINDS} and POINT in {POINTS}")
-    return Fault(m["kind"], m["point"], int(m["n"]), int(m["rank"] or 0))
+        raise ValueError(f"{spec!r} is not KIND@POINT=N[:rank=R][:seconds=S] with KIND in {KINDS} and POINT in "
+                         f"{POINTS}")
+    return Fault(m["kind"], m["point"], int(m["n"]), int(m["rank"] or 0), float(m["seconds"] or 10.0))
 
 
 class FaultInjector:
     """Fires the configured fault once, at the matching point, on the matching rank."""
 
     def __init__(self, spec: str, run_dir: Path, rank: int) -> None:
-        self.fault = parse_fault(spec) if spec else None
-        self.marker = run_dir / ".faults" / re.sub(r"[^\w.=-]", "_", spec)
+        first, _, rest = spec.partition(",")
+        self.fault = parse_fault(first) if first else None
+        self.marker = run_dir / ".faults" / re.sub(r"[^\w.=-]", "_", first)
         self.rank = rank
+        self.others = [FaultInjector(s, run_dir, rank) for s in rest.split(",") if s] if rest else []
 
     def maybe_fire(self, point: str, n: int) -> None:
+        for other in self.others:
+            other.maybe_fire(point, n)
         f = self.fault
         if f is None or f.point != point or self.rank != f.rank or (point not in ("start", "restore") and n != f.n):
             return
@@ -72,6 +82,9 @@ class FaultInjector:
             raise RuntimeError(f"injected fault {f.kind}@{point}={n} on rank {self.rank}")
         if f.kind == "groupterm":
             os.killpg(os.getpgid(0), signal.SIGTERM)
+            return
+        if f.kind == "slow":
+            time.sleep(f.seconds)
             return
         if f.kind == "stall":
             time.sleep(600)  # signal handlers run meanwhile; the sleep resumes after each (PEP 475)

@@ -71,6 +71,11 @@ class Launcher:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
+    """LOCAL_WORLD_SIZE: the ranks torchrun started on this host (1 without torchrun)."""
+    master_addr: str
+    """MASTER_ADDR and MASTER_PORT: where the process group's c10d store listens ('' and 0 when unset)."""
+    master_port: int
     torchrun_run_id: str
     """TORCHELASTIC_RUN_ID: set by torchrun's agent for every worker it starts ('' otherwise)."""
     torchrun_restarts: int
@@ -92,10 +97,22 @@ def launcher(environ: Mapping[str, str] | None = None) -> Launcher:
     env = os.environ if environ is None else environ
     return Launcher(launched="RANK" in env and "WORLD_SIZE" in env, rank=int(env.get("RANK", 0)),
                     world_size=int(env.get("WORLD_SIZE", 1)), local_rank=int(env.get("LOCAL_RANK", 0)),
+                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1") or 1),
+                    master_addr=env.get("MASTER_ADDR", ""), master_port=int(env.get("MASTER_PORT", 0) or 0),
                     torchrun_run_id=env.get("TORCHELASTIC_RUN_ID", ""),
                     torchrun_restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
                     in_slurm="SLURM_JOB_ID" in env, slurm_job_id=env.get("SLURM_JOB_ID", ""),
                     slurm_restarts=int(env.get("SLURM_RESTART_COUNT", 0)))
+
+
+def cores_per_rank() -> int:
+    """The CPU cores this process may use (its affinity: a SLURM or container limit counts) shared among the
+    ranks on this host (torchrun's LOCAL_WORLD_SIZE); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, launcher().local_world_size))
 
 
 # ---------- /proc ----------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,13 @@ def _empty_model(cfg: Config) -> nn.Module:
 
 def _model_from_file(path: Path, cfg: Config) -> nn.Module:
     model = _empty_model(cfg)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # weights_only refuses anything but tensors and plain containers: say so in one line, not torch's page.
+        raise UserError(f"{path}: not a plain state dict (refused to load with weights_only=True: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); export one with "
+                        f"`elastictrain ckpt export`") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

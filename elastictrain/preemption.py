@@ -57,9 +57,25 @@ class Preemption:
             sig = signal.Signals[name]
             self._previous[sig] = signal.signal(sig, self._handle)
 
-    def uninstall(self) -> None:
+    def uninstall(self, keep_if_answered: bool = False) -> None:
+        """Restore the previous handlers; with ``keep_if_answered``, a run that reached its clean end keeps ours
+        until the process exits: a second signal landing during clean-up (metrics, the lock, the process
+        group) must not turn its exit 75 (or 0) into death by that signal."""
+        if keep_if_answered and self._answered:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def hold_to_exit(self) -> None:
+        """Last thing before the process exits: a run that answered ignores further preemption signals from
+        here on (Python resets its own handlers to the default during interpreter shutdown, and a SIGTERM
+        then would turn exit 75 into death by that signal); any other run restores the previous handlers."""
+        if not self._answered:
+            self.uninstall()
+            return
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -49,6 +49,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -172,12 +173,36 @@ def read_lock(path: Path) -> Holder | None:
         ValueError: the file is not a lock this version wrote (edited by hand, or from elsewhere).
     """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return Holder(**data)
+        mode = path.lstat().st_mode
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+    # A directory or a dangling symlink reads as an error or as "no lock" forever: neither is a lock.
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
+        raise ValueError(f"{path} is not a run lock ({kind}, not a regular file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        holder = Holder(**data)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, OSError) as e:
         raise ValueError(f"{path} is not a run lock ({e})") from None
+    wrong = _wrong_fields(holder)
+    if wrong:
+        raise ValueError(f"{path} is not a run lock (wrong type of {', '.join(wrong)})")
+    return holder
+
+
+def _wrong_fields(holder: Holder) -> list[str]:
+    """Fields whose value is not of the type a lock holds (compared later as numbers, joined as text)."""
+    number = (int, float)
+    kinds = {"host": str, "machine": str, "pid": int, "started": str, "job": dict, "since": number,
+             "heartbeat": number, "lease_s": number, "token": str}
+    wrong = [k for k, t in kinds.items() if not isinstance(getattr(holder, k), t)
+             or isinstance(getattr(holder, k), bool)]
+    if isinstance(holder.job, dict) and not all(isinstance(v, str) for v in holder.job.values()):
+        wrong.append("job")
+    return wrong
 
 
 class RunLock:

@@ -25,15 +25,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file: {path}")
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Bytes, line by line: one line that is not UTF-8 (a torn multi-byte character, a stray write) must cost
+    # that line only, not the whole file.
+    lines = path.read_bytes().splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # not JSON, or not UTF-8
             # The last line is torn by any crash mid-write; an earlier one was torn by an earlier attempt.
-            (log.debug if n == len(lines) else log.warning)("%s line %d is torn (crash mid-write?), skipped", path, n)
+            (log.debug if n == len(lines) else log.warning)("%s line %d is torn or not UTF-8 JSON, skipped",
+                                                            path, n)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s line %d is not a JSON object, skipped", path, n)
     return records
 
 

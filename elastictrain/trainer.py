@@ -17,16 +17,18 @@ from elastictrain import device as devices
 from elastictrain import viz
 from elastictrain.config import Config, save_config, to_dict
 from elastictrain.data import build_loaders, class_names, sample_order_changes, sample_order_key
+from elastictrain.data_wait import DataWait
 from elastictrain.dist import DistContext, all_gather_object, all_reduce_sum, any_rank_each, broadcast_object
 from elastictrain.errors import UserError
 from elastictrain.export import export_model
 from elastictrain.estimate import RunEstimate
 from elastictrain.faults import FaultInjector
 from elastictrain.console import progress
+from elastictrain.liveness import Progress
 from elastictrain.metrics import MetricsLogger
 from elastictrain.summary import write_summary
 from elastictrain.model import SegmentationLoss, build_model, confusion_stats, encoder_normalization, scores
-from elastictrain.osutil import launcher, process_age
+from elastictrain.osutil import cores_per_rank, launcher, process_age
 from elastictrain.parallelize import grad_sync, resolve_strategy, sync_buffers, wrap
 from elastictrain.preemption import Preemption
 from elastictrain.snapshot import ResumeInfo, SnapshotManager
@@ -68,8 +70,11 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption) -> None:
+    def __init__(self, cfg: Config, ctx: DistContext, preemption: Preemption,
+                 progress: Progress | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
+        self.progress = progress or Progress()
+        """Step boundaries and phases, which the liveness watchdog reads (liveness.py)."""
         self.run_dir = Path(cfg.run.dir)
         self.state = TrainState(config=to_dict(cfg), world_size=ctx.world_size)
         if cfg.debug.deterministic:
@@ -84,9 +89,11 @@ class Trainer:
                                                       ctx.world_size)
         self.normalization = encoder_normalization(cfg.model)
         self.class_names = class_names(cfg.data)
-        self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
+        with self.progress.phase_of("data scan"):
+            self.loaders = build_loaders(cfg, ctx, self.micro_batch, self.accum, self.normalization)
         self.steps_per_epoch = self.loaders.train_sampler.steps_per_epoch  # >= 1: the sampler checks
         self.state.data_order = sample_order_key(self.loaders.train_set, cfg.run.seed)
+        self.data_wait = DataWait(self.loaders.num_workers, cores_per_rank())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         total = self.steps_per_epoch * cfg.train.epochs
@@ -189,18 +196,23 @@ class Trainer:
     def train(self) -> int:
         """Train to ``train.epochs``; returns 0 when finished, ``preemption.exit_code`` when preempted."""
         self.preemption.install()  # no-op when the CLI installed it first; must precede the restore either way
-        resumed = self.resume()
+        with self.progress.phase_of("restore"):
+            resumed = self.resume()
         run_id = self.metrics.start(self.state.run_id or None, resumed) or self.state.run_id
         # Only rank 0 talks to wandb, but the train state is a replicated snapshot entry: every rank holds its id.
         self.state.run_id = broadcast_object(self.ctx, run_id)
         self.faults.maybe_fire("start", 0)
+        self.progress.enter("step")
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             if not self.train_epoch(epoch):
                 return self.stop_for_preemption()
-            val = self.validate()
+            with self.progress.phase_of("validation"):
+                val = self.validate()
             self.end_epoch(epoch, val)
-        self.checkpointer.finish()
-        self.finish()
+        with self.progress.phase_of("snapshot"):
+            self.checkpointer.finish()  # waits for every snapshot, then removes the local tier
+        with self.progress.phase_of("export"):
+            self.finish()
         return FINISHED
 
     def train_epoch(self, epoch: int) -> bool:
@@ -209,7 +221,9 @@ class Trainer:
         loader = self.loaders.train_loader(epoch, self.state.sample_offset)
         remaining = self.steps_per_epoch - self.state.sample_offset // self.loaders.train_sampler.global_batch
         losses: list[float] = []
-        for batches in progress(self._steps(loader), remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
+        steps = self.data_wait.timed(self._steps(loader))  # times each wait for the next step's batches
+        for batches in progress(steps, remaining, f"epoch {epoch + 1}", self.cfg, self.ctx.rank):
+            self.progress.beat()  # progress the watchdog sees; no collective, no store call on this thread
             # The one collective of a step boundary: a preemption signal, a mid-epoch snapshot due by any
             # rank's clock, or a loss that is no longer finite on any rank means every rank acts on it.
             stop, snapshot, local, no_room, diverged = any_rank_each(
@@ -220,9 +234,11 @@ class Trainer:
             if stop:
                 return False
             if snapshot:
-                self.checkpointer.save_mid_epoch(self.app_state, self.state)
+                with self.progress.phase_of("snapshot"):
+                    self.checkpointer.save_mid_epoch(self.app_state, self.state)
             elif local:
-                self.checkpointer.save_local(self.app_state, self.state, no_room)
+                with self.progress.phase_of("snapshot"):
+                    self.checkpointer.save_local(self.app_state, self.state, no_room)
             losses.append(self.train_step(batches))
             self.state.step += 1
             self.state.sample_offset += self.loaders.train_sampler.global_batch
@@ -249,7 +265,8 @@ class Trainer:
         """Forward/backward over the micro-batches of one optimizer step, then clip and step."""
         total = 0.0
         for i, (image, mask) in enumerate(batches):
-            image, mask = image.to(self.ctx.device), mask.to(self.ctx.device)
+            # non_blocking: from pinned memory (CUDA) the copy overlaps; elsewhere it is an ordinary copy.
+            image, mask = image.to(self.ctx.device, non_blocking=True), mask.to(self.ctx.device, non_blocking=True)
             # Gradients are reduced across ranks only on the last micro-batch of the step.
             with grad_sync(self.model, enabled=i == len(batches) - 1):
                 with devices.autocast(self.ctx.device, self.amp_dtype):
@@ -275,6 +292,7 @@ class Trainer:
         """Validation loss, IoU and Dice (overall and per class) over the whole validation set, summed across
         ranks; the fixed prediction samples are gathered on rank 0 on the way."""
         started = time.monotonic()
+        self.faults.maybe_fire("validate", self.state.step)
         self.model.eval()
         stats = torch.zeros(4, self.cfg.data.num_classes, dtype=torch.long)
         loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -318,7 +336,8 @@ class Trainer:
         log.info("per class IoU / Dice: %s", ", ".join(
             f"{name} {_fmt(val[f'iou/{name}'])} / {_fmt(val[f'dice/{name}'])}" for name in self.class_names))
         self._show_predictions(val)
-        self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
+        with self.progress.phase_of("snapshot"):
+            self.checkpointer.maybe_save(self.app_state, self.state, val["val_loss"])
 
     def _show_predictions(self, val: dict[str, Any]) -> None:
         """Rank 0: the fixed validation samples with truth and prediction, as a PNG and in wandb."""
@@ -335,9 +354,13 @@ class Trainer:
 
     def log_train(self, recent: list[float]) -> None:
         loss = self._mean_across_ranks(recent)
-        self.metrics.log("train", self.state.step, epoch=self.state.epoch, loss=loss, lr=self.scheduler.get_last_lr()[0],
+        data_wait = self.data_wait.share()  # this rank's; rank 0's is the one logged
+        self.metrics.log("train", self.state.step, epoch=self.state.epoch, loss=loss,
+                         lr=self.scheduler.get_last_lr()[0],
                          sample_offset=self.state.sample_offset, world_size=self.ctx.world_size,
-                         **devices.memory_peaks(self.ctx.device))
+                         data_wait=round(data_wait, 4), **devices.memory_peaks(self.ctx.device))
+        if self.ctx.is_main:
+            self.data_wait.advise(data_wait)
 
     def _mean_across_ranks(self, values: list[float]) -> float:
         t = all_reduce_sum(self.ctx, torch.tensor([sum(values), len(values)], dtype=torch.float64))
@@ -371,7 +394,8 @@ class Trainer:
         log.warning("preemption requested (%s): snapshot at epoch %d step %d, then exit %d",
                     self.preemption.requested or "a signal on another rank", self.state.epoch, self.state.step,
                     self.cfg.preemption.exit_code)
-        name = self.checkpointer.save_now(self.app_state, self.state)  # a no-op where it holds this step already
+        with self.progress.phase_of("snapshot"):
+            name = self.checkpointer.save_now(self.app_state, self.state)  # a no-op where it holds this step already
         deadline.cancel()
         self.metrics.log("event", self.state.step, event="preempted", epoch=self.state.epoch, snapshot=name or "",
                          signal=self.preemption.requested or "", world_size=self.ctx.world_size,
@@ -393,7 +417,7 @@ class Trainer:
             self.metrics.close(write_summary(self.run_dir, summary))  # the summary lands in wandb's too
 
     def close(self) -> None:
-        self.preemption.uninstall()
+        self.preemption.uninstall(keep_if_answered=True)
         with contextlib.suppress(Exception):
             self.checkpointer.close(timeout=5.0)
         self.metrics.close()

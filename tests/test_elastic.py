@@ -203,8 +203,9 @@ def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
     ignores --shutdown-timeout); the restarted workers resume and finish the job exactly."""
     run_dir, timeout_s = tmp_path / "run", 10
     fault = "hang@saved=4:rank=1"
-    cmd = torchrun_cmd(tiny_args(run_dir, "--debug.fault", fault, "--dist.timeout_s", str(timeout_s)), tmp_path,
-                       nproc=2)
+    # The last resort alone: the liveness heartbeats (tests/test_liveness.py) would notice the stop first.
+    cmd = torchrun_cmd(tiny_args(run_dir, "--debug.fault", fault, "--dist.timeout_s", str(timeout_s),
+                                 "--dist.heartbeat_s", "0"), tmp_path, nproc=2)
     agent = jobs.start(cmd, "agent")
     assert jobs.wait(agent, 300, "agent") == 0, jobs.log("agent")[-4000:]
     hung = FaultInjector(fault, run_dir, rank=1).marker.stat().st_mtime  # made just before the SIGSTOP

@@ -41,6 +41,8 @@ NODES_DIR = Path("/tmp/elastictrain-slurm-nodes")
 NODES_CONF = NODES_DIR / "slurm.conf"
 NODES = ["et-node1", "et-node2"]
 TIMEOUT_S = 10  # --dist.timeout_s: how long a survivor's collective waits for a silent peer
+DEFAULT_TIMEOUT_S = 300  # the default --dist.timeout_s
+LIVENESS_WINDOW_S = 150  # far below it: the liveness heartbeats must end the lost world long before
 
 
 # ------------------------------------------------------------------------------------------ test hosts
@@ -308,8 +310,9 @@ def wait_committed(run_dir: Path) -> None:
 def training_on_two_hosts(cross_host: Callable[..., dict[str, Any]],
                           run_dir: Path) -> tuple[dict[str, Any], str, str, int]:
     """Agents on tr1 and tr2 past step 6 at world size 2, the epoch-1 snapshot committed: (the agents, the host
-    of rank 0, the other host, the newest committed step)."""
-    agents = cross_host(run_dir, "--epochs", "8", "--dist.timeout_s", str(TIMEOUT_S))
+    of rank 0, the other host, the newest committed step). The DEFAULT --dist.timeout_s (300 s): the
+    liveness heartbeats (elastictrain/liveness.py) must notice a lost host, not the collective timeout."""
+    agents = cross_host(run_dir, "--epochs", "8")
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["world_size"] == 2 and r["step"] >= 6, 300,
                     "step 6 at world size 2", agents["tr2"])
     wait_committed(run_dir)
@@ -318,27 +321,36 @@ def training_on_two_hosts(cross_host: Callable[..., dict[str, Any]],
 
 
 @pytest.mark.slow
-def test_torchrun_across_hosts_survives_a_killed_host(cross_host, tmp_path: Path) -> None:
-    """The host of rank 0 dies mid-run; the other continues at world size 1 and finishes."""
+@pytest.mark.parametrize("which", ["store", "peer"])
+def test_torchrun_across_hosts_survives_a_killed_host(cross_host, tmp_path: Path, which: str) -> None:
+    """A host dies mid-run (link cut, then its processes killed: no FIN); the other continues at world size 1
+    and finishes, with the default collective timeout. ``store``: the host of rank 0, whose worker hosts the
+    job's c10d store: the survivor names the store. ``peer``: the other host: the survivor names its rank,
+    host and silence."""
     run_dir = tmp_path / "run"
-    agents, lost, survivor, latest = training_on_two_hosts(cross_host, run_dir)
+    agents, rank0, rank1, latest = training_on_two_hosts(cross_host, run_dir)
+    lost, survivor = (rank0, rank1) if which == "store" else (rank1, rank0)
     fail_host(lost)
     failed = time.time()
-    assert agents[survivor].wait(300) == 0
+    assert agents[survivor].wait(LIVENESS_WINDOW_S) == 0
+    said = (run_dir / ("logs/rank1.log" if which == "store" else "train.log")).read_text()
+    expected = "lost the c10d store " if which == "store" else f"lost rank 1 on host {lost}: no heartbeat for"
+    assert expected in said, said[-3000:]
     records = read_records(run_dir)
     resume = events(records, "resume")[-1]
     assert (resume["previous_world_size"], resume["world_size"]) == (2, 1) and resume["step"] >= latest, resume
     check_sample_offsets(records)
     first = first_step_after(records, resume)
-    print(f"\ntorchrun, killed host: {lost} failed; first step at world size 1 on {survivor} "
+    assert first["time"] - failed < DEFAULT_TIMEOUT_S / 3
+    print(f"\ntorchrun, killed host ({which}): {lost} failed; first step at world size 1 on {survivor} "
           f"{first['time'] - failed:.1f}s later")
 
 
 @pytest.mark.slow
 def test_torchrun_across_hosts_partitioned_host_never_writes_beside_the_new_world(cross_host,
                                                                                    tmp_path: Path) -> None:
-    """The host of rank 0 loses its link but keeps running. Its workers fail their collectives after
-    --dist.timeout_s and exit; the other host's agent drops it from the rendezvous and continues at world
+    """The host of rank 0 loses its link but keeps running. Its worker finds its peer silent (liveness
+    heartbeat, default --dist.timeout_s) and exits, the other finds the store silent and exits; the other host's agent drops it from the rendezvous and continues at world
     size 1 from the latest complete snapshot, and only after the partitioned workers are gone. When the
     link comes back, the partitioned agent finds the rendezvous closed (the job finished) and exits."""
     run_dir = tmp_path / "run"
@@ -350,7 +362,7 @@ def test_torchrun_across_hosts_partitioned_host_never_writes_beside_the_new_worl
         return [p for p in pids_on(cut) if worker_env(p, "RANK") is not None]
 
     assert old_workers(), "the partitioned host's worker runs on"
-    wait_for(lambda: not old_workers(), 4 * TIMEOUT_S, "the partitioned host's workers to exit", interval=0.05)
+    wait_for(lambda: not old_workers(), LIVENESS_WINDOW_S, "the partitioned host's workers to exit", interval=0.05)
     old_gone = time.time()
     assert agents[cut].poll() is None, "the partitioned agent is alive (it cannot reach the store)"
     assert agents[survivor].wait(300) == 0
@@ -373,3 +385,5 @@ def test_torchrun_across_hosts_partitioned_host_never_writes_beside_the_new_worl
           f"exited {rc} in {time.time() - healed:.1f}s")
     assert rc != 0
     assert len(events(read_records(run_dir), "resume")) == 1, "the healed host started a world of its own"
+    assert "lost rank 1 on host " in (run_dir / "train.log").read_text()  # the cut-off side stopped itself
+    assert "lost the c10d store " in (run_dir / "logs/rank1.log").read_text()

@@ -11,6 +11,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from elastictrain.errors import UserError
 from elastictrain.snapshot import manifest
@@ -18,8 +19,10 @@ from elastictrain.snapshot.manifest import Snapshot
 
 log = logging.getLogger(__name__)
 
-Choice = tuple[Snapshot, str]
-"""The snapshot to restore and the identity of the snapshot its lineage started from ('' for none)."""
+Lineage = tuple[str, str]
+"""(identity, resolved path) of the snapshot a lineage started from with ``--checkpoint`` ('' for none)."""
+Choice = tuple[Snapshot, Lineage]
+"""The snapshot to restore and its lineage."""
 
 
 def choose(root: Path, resume_from: str, verify: bool) -> Choice | None:
@@ -28,7 +31,7 @@ def choose(root: Path, resume_from: str, verify: bool) -> Choice | None:
     if resume_from:
         return choose_given(root, Path(resume_from), verify)
     snap = newest_intact(root)
-    return None if snap is None else (snap, snap.commit.get("branch_from", ""))  # type: ignore[union-attr]
+    return None if snap is None else (snap, lineage(snap.commit))  # type: ignore[arg-type]
 
 
 def newest_intact(root: Path) -> Snapshot | None:
@@ -66,17 +69,18 @@ def choose_given(root: Path, path: Path, verify: bool) -> Choice:
     from PATH, continue from that one. Otherwise PATH it is (or an error, never a silent fallback), and
     newer snapshots of the branch being abandoned are moved aside (not deleted), or discovery and retention
     would mistake them for this run's newest."""
-    given = Snapshot.at(path)
+    # The lineage first: retention may have deleted PATH since this run continued from it.
+    given, given_path = Snapshot.at(path), str(path.resolve())
+    newest = newest_intact(root)
+    if newest is not None and newest.path.resolve() != path.resolve() \
+            and descends(newest.commit, given.commit, given_path):  # type: ignore[arg-type]
+        log.info("--checkpoint.resume_from %s: this run already continued from it; continuing from its newest "
+                 "snapshot %s", path, newest.name)
+        return newest, lineage(newest.commit)  # type: ignore[arg-type]
     if given.commit is None:
         raise UserError(f"--checkpoint.resume_from: {path} is not a complete snapshot "
                         f"({given.problem or f'no {manifest.COMMIT}'})")
     origin = manifest.snapshot_id(given.commit)
-    newest = newest_intact(root)
-    if newest is not None and newest.path.resolve() != path.resolve() \
-            and newest.commit.get("branch_from") == origin:  # type: ignore[union-attr]
-        log.info("--checkpoint.resume_from %s: this run already continued from it; continuing from its newest "
-                 "snapshot %s", path, newest.name)
-        return newest, origin
     problem = verified(given, verify)
     if problem:
         raise UserError(f"--checkpoint.resume_from: snapshot is damaged: {problem}")
@@ -85,7 +89,20 @@ def choose_given(root: Path, path: Path, verify: bool) -> Choice:
         if snap.order > order and snap.path.resolve() != path.resolve():
             log.warning("resuming from the older %s: moving the newer snapshot %s aside", path, snap.name)
             move_aside(snap.path, "superseded", "")
-    return given, origin
+    return given, (origin, given_path)
+
+
+def lineage(commit: dict[str, Any]) -> Lineage:
+    """The lineage a committed snapshot continues (see :data:`Lineage`)."""
+    return commit.get("branch_from", ""), commit.get("branch_from_path", "")
+
+
+def descends(newest: dict[str, Any], given: dict[str, Any] | None, given_path: str) -> bool:
+    """Does the snapshot ``newest`` continue a lineage started from ``--checkpoint`` PATH? By PATH's identity
+    while PATH is there, by where it was once retention has deleted it."""
+    if given is not None:
+        return newest.get("branch_from") == manifest.snapshot_id(given)
+    return bool(newest.get("branch_from_path")) and newest.get("branch_from_path") == given_path
 
 
 def verified(snap: Snapshot, verify: bool) -> str | None:

@@ -30,6 +30,11 @@ class EngineReadError(RuntimeError):
     """The engine could not read part of a snapshot (a damaged or truncated file, a missing entry)."""
 
 
+class ForeignContentError(EngineReadError):
+    """A file of the snapshot holds what the engine never writes (e.g. code in DCP's metadata): damage,
+    whatever its checksums say."""
+
+
 class Engine(Protocol):
     name: str
     """Name of the engine, recorded in the commit record so a restore uses the same one."""
@@ -247,24 +252,31 @@ class DCPEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
+        from elastictrain.snapshot import dcp_metadata
+
         try:
-            templates = {k: _dcp_template(path, k) for k, v in app_state.items() if getattr(v, "wants_template", False)}
+            # Read (checksum first, then an allow-listed unpickle) once, here: DCP's own reader would unpickle
+            # the file with plain pickle.
+            metadata = dcp_metadata.read_metadata(path)
+        except dcp_metadata.MetadataError as e:
+            raise ForeignContentError(str(e)) from None
+        try:
+            templates = {k: _dcp_template(metadata, k) for k, v in app_state.items()
+                         if getattr(v, "wants_template", False)}
             state = {k: templates.get(k, v) for k, v in app_state.items()}
             dcp.load(state, checkpoint_id=str(path), process_group=ctx.ckpt_group, no_dist=not ctx.distributed,
-                     planner=_WeightsOnlyLoadPlanner())
+                     planner=_WeightsOnlyLoadPlanner(), storage_reader=dcp_metadata.safe_reader(path, metadata))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             raise EngineReadError(f"DCP could not read {path}: {type(e).__name__}: {e}") from e
         for key, template in templates.items():
             app_state[key].load_state_dict(template)
 
 
-def _dcp_template(path: Path, key: str) -> dict[str, Any]:
+def _dcp_template(metadata: Any, key: str) -> dict[str, Any]:
     """The state dict of ``key`` as the snapshot holds it, with empty tensors of the saved shapes to read into
     (from DCP's metadata: its flattened keys and the path each came from)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(path)).read_metadata()
     root: dict[str, Any] = {}
     for flat, item in metadata.state_dict_metadata.items():
         where = (metadata.planner_data or {}).get(flat, (flat,))

@@ -95,8 +95,9 @@ class SnapshotManager:
         self._interval_logged: float | None = None
         self._announce_interval = False
         """Log the automatic interval at the next step boundary (the first after a restore)."""
-        self._branch_from = ""
-        """Identity of the snapshot this lineage started from with --checkpoint.resume_from ('' for none)."""
+        self._lineage: tuple[str, str] = ("", "")
+        """The snapshot this lineage started from with --checkpoint.resume_from: (identity, resolved path, so
+        the lineage is still found once retention has deleted it); ('', '') for none."""
         self.blocked_seconds: list[float] = []
         """Time the training loop spent inside each save call (what async is meant to shrink)."""
         self.local: Saver | None = None
@@ -194,8 +195,8 @@ class SnapshotManager:
             log.info("no optimizer step taken yet: nothing to snapshot")
             return None
         start = time.perf_counter()
-        record = {"branch_from": self._branch_from, "tier": self.tier(state.epoch, end_of_epoch),
-                  "val_loss": val_loss, "is_best": is_best}
+        record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1],
+                  "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss, "is_best": is_best}
         name = self.saver.take(app_state, state, record, background)
         blocked = time.perf_counter() - start
         self.blocked_seconds.append(blocked)
@@ -249,7 +250,8 @@ class SnapshotManager:
             raise_together(self.ctx, error)
             self._local_created = True
         start = time.perf_counter()
-        record = {"branch_from": self._branch_from, "tier": "rolling", "val_loss": None, "is_best": False,
+        record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1], "tier": "rolling",
+                  "val_loss": None, "is_best": False,
                   "where": "local"}
         name = self.local.take(app_state, state, record, background=True)
         self.local_clock.started(time.monotonic(), time.perf_counter() - start)
@@ -308,7 +310,7 @@ class SnapshotManager:
             self._read_failure_history()
         if found is None:
             return None
-        resumed, self._branch_from = found
+        resumed, self._lineage = found
         if resumed.tier == "local":
             self.local.held_step = resumed.step  # type: ignore[union-attr]
         else:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,22 +165,72 @@ def commit_problem(snapshot: Path) -> str | None:
 def _load_commit(snapshot: Path) -> tuple[dict[str, Any] | None, str | None]:
     path = snapshot / COMMIT
     try:
-        text = path.read_text()
+        if not stat.S_ISREG(path.lstat().st_mode):  # a FIFO would block the read, a symlink leads anywhere
+            return None, f"{path}: not a regular file"
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return None, None
     except OSError as e:
         return None, f"{path}: unreadable ({e})"
+    except UnicodeDecodeError as e:
+        return None, f"{path}: not UTF-8 (byte {e.start})"
     try:
         record = json.loads(text)
     except ValueError as e:
         return None, f"{path}: not valid JSON ({e})"
     if not isinstance(record, dict) or record.get("format") not in FORMATS or not isinstance(record.get("files"), dict):
         return None, f"{path}: not a commit record of a known format ({', '.join(map(str, FORMATS))})"
+    bad = next((rel for rel, entry in record["files"].items() if not _plain_entry(rel, entry)), None)
+    if bad is not None:
+        return None, f"{path}: lists {bad!r}, not a file inside the snapshot with a size and a checksum"
     if "record_sha256" in record and record["record_sha256"] != _record_digest(record):
         return None, f"{path}: checksum mismatch (the commit record was changed after it was written)"
     if record.get("format", 1) >= 2 and "record_sha256" not in record:
         return None, f"{path}: no checksum of its own (the commit record was changed after it was written)"
     return record, None
+
+
+def _plain_entry(rel: str, entry: Any) -> bool:
+    """A manifest entry names a relative path inside the snapshot (no '..', not absolute) with its size and
+    SHA-256; anything else would have verification read outside the snapshot."""
+    parts = Path(rel).parts
+    return (bool(parts) and not Path(rel).is_absolute() and ".." not in parts and "\0" not in rel
+            and isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str))
+
+
+def record_name_problem(snapshot: Path, record: dict[str, Any]) -> str | None:
+    """Why a commit record does not belong to the directory it is in (renamed: ordered by its name, it would
+    be resumed, counted best and rolling as another snapshot), or None. Only for directories named like a
+    snapshot; one copied elsewhere under another name is read by its record alone."""
+    if not is_snapshot_name(snapshot.name):
+        return None
+    epoch, step = parse_name(snapshot.name)
+    said = (record.get("name"), record.get("epoch"), record.get("step"))
+    if said != (snapshot.name, epoch, step):
+        return (f"{snapshot / COMMIT}: records snapshot {said[0]!r} (epoch {said[1]}, step {said[2]}), not "
+                f"{snapshot.name} (renamed?)")
+    return None
+
+
+def _regular_file_problem(snapshot: Path, rel: str) -> str | None:
+    """A manifest entry must be a regular file inside the snapshot: a symlink (to /dev/zero: hashing never
+    ends), a special file or a path leading out (through a linked folder) is damage, never opened."""
+    path = snapshot / rel
+    try:
+        mode = path.lstat().st_mode
+        inside = path.resolve().is_relative_to(snapshot.resolve())
+    except FileNotFoundError:
+        return f"{path}: missing"
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        return f"{path}: unreadable ({e})"
+    if stat.S_ISLNK(mode):
+        return f"{path}: a symbolic link, not a file of the snapshot"
+    if not inside:
+        return f"{path}: outside the snapshot (through a symbolic link)"
+    if not stat.S_ISREG(mode):
+        return f"{path}: not a regular file"
+    return None
 
 
 def verify(snapshot: Path, commit: dict[str, Any], marker: str, checksums: bool = True,
@@ -194,12 +245,12 @@ def verify(snapshot: Path, commit: dict[str, Any], marker: str, checksums: bool 
             return f"{path}: not in the manifest of {snapshot / COMMIT} (added or renamed after the commit)"
     for rel, expect in commit["files"].items():
         path = snapshot / rel
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            return f"{path}: missing"
-        except OSError as e:
-            return f"{path}: unreadable ({e})"
+        if not _plain_entry(rel, expect):
+            return f"{snapshot / COMMIT}: lists {rel!r}, not a file inside the snapshot"
+        problem = _regular_file_problem(snapshot, rel)
+        if problem:
+            return problem
+        size = path.lstat().st_size
         if size != expect["size"]:
             return f"{path}: size {size} bytes, expected {expect['size']} (truncated or rewritten)"
     if not checksums:
@@ -221,12 +272,31 @@ def verify(snapshot: Path, commit: dict[str, Any], marker: str, checksums: bool 
         return next((p for p in pool.map(check, largest_first) if p), None)
 
 
+def enclosing_snapshot(folder: Path) -> Path | None:
+    """The snapshot directory ``folder`` is (or lies in), else None: named like one (moved aside too) or
+    holding a commit record or an engine's metadata file."""
+    for d in (folder.resolve(), *folder.resolve().parents):
+        if is_snapshot_name(d.name) or _ASIDE.match(d.name) or any(
+                (d / name).exists() for name in (COMMIT, ".metadata", ".snapshot_metadata")):
+            return d
+    return None
+
+
 def list_snapshots(root: Path) -> list[Snapshot]:
     """Every snapshot directory under ``root``, newest (highest step) first, complete or not."""
     if not root.is_dir():
         return []
-    infos = [Snapshot(p, *_load_commit(p)) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
+    infos = [_snapshot_info(p) for p in root.iterdir() if p.is_dir() and is_snapshot_name(p.name)]
     return sorted(infos, key=lambda i: i.order, reverse=True)
+
+
+def _snapshot_info(path: Path) -> Snapshot:
+    """A snapshot of a run's snapshots directory: its record must also agree with the directory's name."""
+    commit, problem = _load_commit(path)
+    if commit is not None:
+        problem = record_name_problem(path, commit)
+        commit = None if problem else commit
+    return Snapshot(path, commit, problem)
 
 
 def read_best(root: Path) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.snapshot import discovery, localtier, manifest, proof
 from elastictrain.snapshot.appstate import JsonState
-from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, build_engine
+from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, ForeignContentError, build_engine
 from elastictrain.snapshot.manifest import Snapshot, SnapshotDamaged
 from elastictrain.state import TrainState
 
@@ -61,7 +61,8 @@ class Restorer:
         self.run_config = run_config
         self.faults = faults
 
-    def restore_latest(self, app_state: AppState, local_root: Path | None = None) -> tuple[ResumeInfo, str] | None:
+    def restore_latest(self, app_state: AppState,
+                       local_root: Path | None = None) -> tuple[ResumeInfo, discovery.Lineage] | None:
         """The restored snapshot's ResumeInfo and lineage (see discovery.Choice); None for a fresh start.
         With ``local_root``, a local snapshot that every rank can read is taken when it is as new as the
         durable one or newer.
@@ -76,7 +77,7 @@ class Restorer:
                                                                         self.cfg.verify))
             local = self._agreed_local(local_root, found) if local_root is not None else None
             if local is not None:
-                found = (local, local.commit.get("branch_from", ""))  # type: ignore[union-attr]
+                found = (local, discovery.lineage(local.commit))  # type: ignore[arg-type]
             if found is None:
                 if touched:
                     raise RuntimeError(f"no snapshot in {self.root} could be restored (the last tried: {touched}); "
@@ -84,11 +85,11 @@ class Restorer:
                                        f"from scratch.")
                 log.info("no snapshot in %s: starting fresh", self.root)
                 return None
-            snap, branch_from = found
+            snap, lineage = found
             try:
                 resumed = self._restore(snap, app_state)
                 resumed.tier = "local" if local is not None else "durable"
-                return resumed, branch_from
+                return resumed, lineage
             except SnapshotDamaged as e:
                 if self.cfg.resume_from and snap.path.resolve() == Path(self.cfg.resume_from).resolve():
                     raise UserError(f"--checkpoint.resume_from: {snap.path}: {e}") from None  # the user's: not moved
@@ -103,7 +104,8 @@ class Restorer:
         snap = localtier.agreed_newest(root, views)
         if snap is None or (durable is not None and durable[0].order > snap.order):
             return None
-        if self.cfg.resume_from and snap.commit.get("branch_from") != (durable[1] if durable else None):  # type: ignore[union-attr]
+        if self.cfg.resume_from and (durable is None or
+                                     snap.commit.get("branch_from") != durable[1][0]):  # type: ignore[union-attr]
             return None
         return snap
 
@@ -113,12 +115,13 @@ class Restorer:
         engine = self._engine_for(snap)
         checksums = self._start_checksums(snap)
         stored = TrainState()
+        foreign = False
         try:
             engine.read(snap.path, {"train": JsonState(stored)}, self.ctx)
             problems: list[str] = []
         except (EngineReadError, ValueError) as e:  # ValueError: a TrainState that is not JSON
-            problems = [str(e)]
-        self._agree_on_damage(snap, problems, checksums)
+            problems, foreign = [str(e)], isinstance(e, ForeignContentError)
+        self._agree_on_damage(snap, problems, checksums, foreign)
         self._check_compatible(stored.config, snap.path)  # every rank read the same config: no collective needed
         if self.faults:
             self.faults.maybe_fire("restore", 0)
@@ -147,16 +150,20 @@ class Restorer:
         pool.shutdown(wait=False)
         return future
 
-    def _agree_on_damage(self, snap: Snapshot, problems: list[str], checksums: Future | None) -> None:
+    def _agree_on_damage(self, snap: Snapshot, problems: list[str], checksums: Future | None,
+                         foreign: bool = False) -> None:
         """If any rank could not read its part: with the first rank's reasons, raise SnapshotDamaged on every
         rank when the files are not the ones committed (their checksums, hashed now if they were not being
-        hashed), else RuntimeError: intact files that do not restore are not the snapshot's fault (nothing is
-        moved aside)."""
+        hashed) or hold what the engine never writes (``foreign``: whatever their checksums say), else
+        RuntimeError: intact files that do not restore are not the snapshot's fault (nothing is moved aside)."""
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        reasons = [r for r in all_gather_object(self.ctx, shown if problems else None) if r]
+        gathered = all_gather_object(self.ctx, (shown, foreign) if problems else None)
+        reasons = [g[0] for g in gathered if g]
         if not reasons:
             return
         log.error("restoring snapshot %s failed: %s", snap.name, reasons[0])
+        if any(g[1] for g in gathered if g):
+            raise SnapshotDamaged(reasons[0])
 
         def files_problem() -> str | None:
             return checksums.result() if checksums is not None else snap.verify()
