@@ -15,6 +15,8 @@ Scenarios (each trial is one fresh job in its own directory; cold start and reco
   hung rank     one torchrun, 2 workers; worker rank 1 is SIGSTOPped (alive, silent).
 The failure kinds run with DEFAULT settings (--dist.timeout_s 300). ``--code DIR`` runs another checkout (e.g. a
 ``git worktree`` of the code before liveness) for the comparison: expect dist.timeout_s plus a restart there.
+``--extra="--dist.heartbeat_s 0"`` (with the =) passes trainer flags to every job; that one turns liveness
+off: today's behaviour at default settings, without a second checkout.
 
 cold start = command launched -> its first training step (metrics.jsonl ``time``);
 recovery   = kill -> the first training step logged after the resume (any replayed step counts: it is the
@@ -45,6 +47,11 @@ from elastic_util import Jobs, descendants, kill_tree, read_records, torchrun_cm
 from helpers import tiny_args  # noqa: E402
 
 TARGET = 1.5
+EXTRA: list[str] = []  # --extra: trainer flags added to every job
+
+
+def job_args(run_dir: Path, *more: str) -> list[str]:
+    return tiny_args(run_dir, *more, *EXTRA)
 
 
 def is_train(r: dict[str, Any], world_size: int | None = None, min_step: int = 0) -> bool:
@@ -77,7 +84,7 @@ def worker_crash(root: Path) -> tuple[float, float]:
     jobs, run_dir = Jobs(root), root / "run"
     try:
         launched = time.time()
-        agent = jobs.start(torchrun_cmd(tiny_args(run_dir), root, nproc=2), "agent")
+        agent = jobs.start(torchrun_cmd(job_args(run_dir), root, nproc=2), "agent")
         first = wait_for_record(run_dir, is_train, 300, "first step", agent)
         wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
         victim = worker_of_rank(agent.pid, "1")
@@ -94,7 +101,7 @@ def node_loss(root: Path) -> tuple[float, float]:
     jobs, run_dir, rdzv_id = Jobs(root), root / "run", uuid.uuid4().hex[:12]
     try:
         launched = time.time()
-        agents = [jobs.start(torchrun_cmd(tiny_args(run_dir), root, nnodes="1:2", rdzv_id=rdzv_id), f"node-{i}")
+        agents = [jobs.start(torchrun_cmd(job_args(run_dir), root, nnodes="1:2", rdzv_id=rdzv_id), f"node-{i}")
                   for i in range(2)]
         first = wait_for_record(run_dir, is_train, 300, "first step")
         wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6")
@@ -115,7 +122,7 @@ def frozen(root: Path, rank: str) -> tuple[float, float]:
     jobs, run_dir, rdzv_id = Jobs(root), root / "run", uuid.uuid4().hex[:12]
     try:
         launched = time.time()
-        agents = [jobs.start(torchrun_cmd(tiny_args(run_dir, "--epochs", "6"), root, nnodes="1:2", rdzv_id=rdzv_id),
+        agents = [jobs.start(torchrun_cmd(job_args(run_dir, "--epochs", "6"), root, nnodes="1:2", rdzv_id=rdzv_id),
                              f"node-{i}") for i in range(2)]
         first = wait_for_record(run_dir, is_train, 300, "first step")
         wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6")
@@ -133,7 +140,7 @@ def hung_rank(root: Path) -> tuple[float, float]:
     jobs, run_dir = Jobs(root), root / "run"
     try:
         launched = time.time()
-        agent = jobs.start(torchrun_cmd(tiny_args(run_dir, "--epochs", "6"), root, nproc=2), "agent")
+        agent = jobs.start(torchrun_cmd(job_args(run_dir, "--epochs", "6"), root, nproc=2), "agent")
         first = wait_for_record(run_dir, is_train, 300, "first step", agent)
         wait_for_record(run_dir, lambda r: is_train(r, 2, 6), 300, "step 6", agent)
         victim = worker_of_rank(agent.pid, "1")
@@ -151,7 +158,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--scenarios", default="worker crash,node loss,frozen node,frozen store,hung rank")
     parser.add_argument("--code", type=Path, help="run the trainer of this checkout instead (for 'today')")
+    parser.add_argument("--extra", default="",
+                        help="trainer flags for every job, e.g. --extra=\"--dist.heartbeat_s 0\"")
     args = parser.parse_args()
+    EXTRA[:] = args.extra.split()
     os.environ.update(OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     if args.code:  # the workers run `-m elastictrain` in the jobs' working directory
         elastic_util.ROOT = args.code.resolve()

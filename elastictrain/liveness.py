@@ -30,6 +30,7 @@ only the progress check runs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import json
@@ -362,12 +363,21 @@ def stacks_on_request(path: Path, taken: list[str]) -> None:
     another job (``taken``: the preemption signals)."""
     if STACK_SIGNAL.name in taken:
         return
+    existed = path.exists()
     try:
         f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open on purpose, see _STACK_FILE
     except OSError:
         return
     _STACK_FILE[:] = [f]
+    if not existed:  # faulthandler needs the file open in advance; a rank log means trouble, so no empty one
+        atexit.register(_remove_if_empty, path)
     faulthandler.register(STACK_SIGNAL, file=f, all_threads=True, chain=False)
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
 
 
 # ----------------------------------------------------------------------------------------------- setup

@@ -150,3 +150,21 @@ def process_age() -> float:
 
 
 _IMPORTED = time.monotonic()
+
+
+def has_errno(error: BaseException, number: int) -> bool:
+    """Whether ``error``, its causes, or a DCP CheckpointException's per-rank failures carry ``number``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == number:
+            return True
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return False

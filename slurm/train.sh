@@ -29,7 +29,8 @@
 #                        SLURM requeues the job (or cancels it); KillWait later it SIGKILLs what is left.
 #
 # Losing a node (its slurmd stops answering: a crash, a power or network failure). Chosen by MIN_NODES:
-#   unset (fixed size)   the survivors' collectives time out (--dist.timeout_s), torchrun waits for the
+#   unset (fixed size)   the survivors' workers exit once the node is silent for --dist.peer_timeout_s (the
+#                        liveness heartbeat, not the collective timeout), torchrun waits for the
 #                        missing node; after SlurmdTimeout SLURM marks the node DOWN, ends the job
 #                        (NODE_FAIL) and requeues it (--requeue); it runs again, from the latest complete
 #                        snapshot, once enough nodes are up. Same world size: nothing changes numerically.

@@ -40,7 +40,6 @@ from slurm_util import cancel, cluster, job_info, job_log, poll, sbatch, wait_fi
 NODES_DIR = Path("/tmp/elastictrain-slurm-nodes")
 NODES_CONF = NODES_DIR / "slurm.conf"
 NODES = ["et-node1", "et-node2"]
-TIMEOUT_S = 10  # --dist.timeout_s: how long a survivor's collective waits for a silent peer
 DEFAULT_TIMEOUT_S = 300  # the default --dist.timeout_s
 LIVENESS_WINDOW_S = 150  # far below it: the liveness heartbeats must end the lost world long before
 
@@ -186,16 +185,21 @@ def frozen_node(marker: Path, timeout: float = 180) -> str:
 def test_node_failure_requeues_and_resumes_bit_exact_when_the_node_is_back(
         submit, reference_runs: dict[int, Path], tmp_path: Path) -> None:
     """Rank 1 freezes right after the epoch-1 snapshot was written (``hang`` fault: the kill point is exact,
-    and the snapshot complete), then its host fails. SLURM notices after SlurmdTimeout, requeues the job, it
-    waits for two nodes; the host comes back and the job resumes from the step-4 snapshot at world size 2 and
-    ends bitwise equal to the uninterrupted run."""
+    and the snapshot complete), then its host fails. The DEFAULT --dist.timeout_s: rank 0 finds rank 1 silent
+    (liveness heartbeat) and exits; SLURM notices after SlurmdTimeout, requeues the job, it waits for two
+    nodes; the host comes back and the job resumes from the step-4 snapshot at world size 2 and ends bitwise
+    equal to the uninterrupted run."""
     run_dir, fault = tmp_path / "requeue", "hang@saved=4:rank=1"
-    job, out = submit(run_dir, extra=("--debug.fault", fault, "--dist.timeout_s", str(TIMEOUT_S)))
+    job, out = submit(run_dir, extra=("--debug.fault", fault))
     node = frozen_node(FaultInjector(fault, run_dir, 1).marker)
     fail_host(node)
     failed = time.time()
-    poll(lambda: int(job_info(job, NODES_CONF).get("Restarts", 0)) >= 1, 120, "SLURM to requeue the job",
-         lambda: f"{job_info(job, NODES_CONF)}\n{job_log(out)[-4000:]}")
+    lost = f"lost rank 1 on host {node}: no heartbeat for"
+    wait_for(lambda: lost in (run_dir / "train.log").read_text(), LIVENESS_WINDOW_S,
+             "the survivor to report rank 1 lost")
+    survivor_exited = time.time()
+    poll(lambda: int(job_info(job, NODES_CONF).get("Restarts", 0)) >= 1, LIVENESS_WINDOW_S,
+         "SLURM to requeue the job", lambda: f"{job_info(job, NODES_CONF)}\n{job_log(out)[-4000:]}")
     requeued = time.time()
     back = cluster("start", "--nodes", "2", state_dir=NODES_DIR)
     assert back.returncode == 0, back.stderr
@@ -208,7 +212,8 @@ def test_node_failure_requeues_and_resumes_bit_exact_when_the_node_is_back(
     check_sample_offsets(records)
     assert_bitwise_equal(load_final(run_dir), load_final(reference_runs[2]))
     first = first_step_after(records, resume)
-    print(f"\nSLURM requeue: {node} failed; job requeued {requeued - failed:.1f}s later; node back after "
+    print(f"\nSLURM requeue: {node} failed; the survivor reported it {survivor_exited - failed:.1f}s later, "
+          f"job requeued {requeued - failed:.1f}s later; node back after "
           f"{returned - failed:.1f}s; first resumed step {first['time'] - failed:.1f}s after the failure "
           f"({first['time'] - returned:.1f}s after the node was back)")
 
@@ -217,10 +222,10 @@ def test_node_failure_requeues_and_resumes_bit_exact_when_the_node_is_back(
 @pytest.mark.slurm
 def test_node_failure_with_min_nodes_shrinks_inside_the_allocation(submit, tmp_path: Path) -> None:
     """MIN_NODES=1 and `sbatch --no-kill`: the node that does not run the batch script fails mid-run; the
-    other goes on at world size 1 in the same allocation (no requeue), every epoch's samples seen once."""
+    other goes on at world size 1 in the same allocation (no requeue), every epoch's samples seen once. The
+    DEFAULT --dist.timeout_s: the liveness heartbeats end the lost world, far below that timeout."""
     run_dir = tmp_path / "elastic"
-    job, out = submit(run_dir, "--no-kill", extra=("--epochs", "8", "--dist.timeout_s", str(TIMEOUT_S)),
-                      MIN_NODES="1", RDZV_CONF="join_timeout=60")
+    job, out = submit(run_dir, "--no-kill", extra=("--epochs", "8"), MIN_NODES="1", RDZV_CONF="join_timeout=60")
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["step"] >= 6, 180, "step 6 at world size 2")
     wait_committed(run_dir)
     fail_host("et-node2")
@@ -236,7 +241,10 @@ def test_node_failure_with_min_nodes_shrinks_inside_the_allocation(submit, tmp_p
     sizes = [r["world_size"] for r in train_records(records)]
     assert sizes[0] == 2 and sizes[-1] == 1 and max(r["step"] for r in train_records(records)) == 32
     check_sample_offsets(records)
+    said = "".join(p.read_text() for p in [run_dir / "train.log", *run_dir.glob("logs/rank*.log")])
+    assert "lost rank 1 on host et-node2: no heartbeat for" in said or "lost the c10d store " in said, said[-3000:]
     first = first_step_after(records, resume)
+    assert first["time"] - failed < DEFAULT_TIMEOUT_S / 3
     print(f"\nSLURM elastic: et-node2 failed; first step at world size 1 {first['time'] - failed:.1f}s later")
 
 

@@ -30,6 +30,26 @@ def dcp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def torchsnapshot_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same finished tiny run with the torchsnapshot engine."""
+    run_dir = tmp_path_factory.mktemp("untrusted_ts") / "run"
+    run_cli(tiny_args(run_dir, "--epochs", "2"), check=True)
+    return run_dir
+
+
+@pytest.fixture(params=["torchsnapshot", "dcp"])
+def engine_run(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(engine, finished run) for each engine; one run per engine for the whole module."""
+    return request.param, request.getfixturevalue(f"{request.param}_run")
+
+
+def data_file(snapshot: Path) -> Path:
+    """One of the engine's data files in ``snapshot`` (any engine)."""
+    return sorted(p for p in snapshot.rglob("*") if p.is_file() and p.name != manifest.COMMIT
+                  and not p.name.startswith("."))[0]
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     (dst / "final_model.pt").unlink()
@@ -165,32 +185,38 @@ def plant_special(snapshot: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["link", "fifo"])
-def test_special_file_in_the_manifest_is_damage_never_read(dcp_run: Path, tmp_path: Path, kind: str) -> None:
-    run_dir = copy_run(dcp_run, tmp_path / "run")
+def test_special_file_in_the_manifest_is_damage_never_read(engine_run: tuple[str, Path], tmp_path: Path,
+                                                           kind: str) -> None:
+    engine, run = engine_run
+    run_dir = copy_run(run, tmp_path / "run")
     plant_special(run_dir / "snapshots" / NEWEST, kind)
     listed = run_cli(["ckpt", "list", str(run_dir), "--verify"], timeout=60)
     assert listed.returncode == 1 and f"{NEWEST}/evil" in listed.stdout, listed.stdout[-3000:]
-    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"), timeout=120)
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", engine), timeout=120)
     assert out.returncode == 0, out.stdout[-3000:]
     assert ("symbolic link" if kind == "link" else "not a regular file") in out.stdout
     assert "resuming from epoch 1 step 4" in out.stdout
     assert any(p.name.startswith(f"{NEWEST}.damaged-") for p in (run_dir / "snapshots").iterdir())
 
 
-def test_manifest_entry_outside_the_snapshot_is_damage(dcp_run: Path, tmp_path: Path) -> None:
-    run_dir = copy_run(dcp_run, tmp_path / "run")
-    older = run_dir / "snapshots" / "epoch00001-step00000004" / "__0_0.distcp"
-    add_entry(run_dir / "snapshots" / NEWEST, "../epoch00001-step00000004/__0_0.distcp", older.stat().st_size,
+def test_manifest_entry_outside_the_snapshot_is_damage(engine_run: tuple[str, Path], tmp_path: Path) -> None:
+    engine, run = engine_run
+    run_dir = copy_run(run, tmp_path / "run")
+    older_snapshot = run_dir / "snapshots" / "epoch00001-step00000004"
+    older = data_file(older_snapshot)
+    add_entry(run_dir / "snapshots" / NEWEST, f"../{older.relative_to(older_snapshot.parent)}", older.stat().st_size,
               hashlib.sha256(older.read_bytes()).hexdigest())
-    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", engine))
     assert out.returncode == 0, out.stdout[-3000:]
     assert "not a file inside the snapshot" in out.stdout
     assert "resuming from epoch 1 step 4" in out.stdout
 
 
 # ---------- Medium 3: a record or log line that is not UTF-8 ----------
-def test_non_utf8_commit_record_and_metrics_line_are_named_not_tracebacks(dcp_run: Path, tmp_path: Path) -> None:
-    run_dir = copy_run(dcp_run, tmp_path / "run")
+def test_non_utf8_commit_record_and_metrics_line_are_named_not_tracebacks(engine_run: tuple[str, Path],
+                                                                          tmp_path: Path) -> None:
+    engine, run = engine_run
+    run_dir = copy_run(run, tmp_path / "run")
     older = run_dir / "snapshots" / "epoch00001-step00000004" / manifest.COMMIT
     older.write_bytes(older.read_bytes().replace(b'"tier"', b'"ti\xffer"', 1))
     metrics = run_dir / "metrics.jsonl"
@@ -200,25 +226,26 @@ def test_non_utf8_commit_record_and_metrics_line_are_named_not_tracebacks(dcp_ru
         out = run_cli(["ckpt", *command])
         assert "Traceback" not in out.stdout and f"{older}: not UTF-8" in out.stdout, out.stdout[-3000:]
         assert out.returncode == (1 if command[0] == "list" else 0)
-    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", engine))
     assert out.returncode == 0 and "Traceback" not in out.stdout, out.stdout[-3000:]
     assert f"{metrics} line 2 is torn or not UTF-8 JSON, skipped" in out.stdout
     assert "resuming from epoch 2 step 8" in out.stdout
     # The newest record broken the same way: moved aside, named, and the previous one resumed.
     newest = run_dir / "snapshots" / "epoch00003-step00000012" / manifest.COMMIT
     newest.write_bytes(newest.read_bytes().replace(b'"tier"', b'"ti\xffer"', 1))
-    out = run_cli(tiny_args(run_dir, "--epochs", "4", "--checkpoint.engine", "dcp"))
+    out = run_cli(tiny_args(run_dir, "--epochs", "4", "--checkpoint.engine", engine))
     assert out.returncode == 0 and "Traceback" not in out.stdout, out.stdout[-3000:]
     assert f"{newest}: not UTF-8" in out.stdout and "resuming from epoch 2 step 8" in out.stdout
 
 
 # ---------- Medium 6: a renamed snapshot ----------
-def test_renamed_snapshot_is_damage_not_the_newest(dcp_run: Path, tmp_path: Path) -> None:
-    run_dir = copy_run(dcp_run, tmp_path / "run")
+def test_renamed_snapshot_is_damage_not_the_newest(engine_run: tuple[str, Path], tmp_path: Path) -> None:
+    engine, run = engine_run
+    run_dir = copy_run(run, tmp_path / "run")
     root = run_dir / "snapshots"
     (root / "epoch00001-step00000004").rename(root / "epoch00099-step00009999")
     assert [s.name for s in manifest.list_snapshots(root) if s.complete] == [NEWEST]
-    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", "dcp"))
+    out = run_cli(tiny_args(run_dir, "--epochs", "3", "--checkpoint.engine", engine))
     assert out.returncode == 0, out.stdout[-3000:]
     assert "records snapshot 'epoch00001-step00000004'" in out.stdout
     assert "resuming from epoch 2 step 8" in out.stdout
@@ -227,25 +254,25 @@ def test_renamed_snapshot_is_damage_not_the_newest(dcp_run: Path, tmp_path: Path
 
 # ---------- Medium 7: ckpt export writes only a new path or a regular file outside every snapshot ----------
 @pytest.mark.parametrize("target", ["commit", "data", "new_inside", "aside", "fifo", "link"])
-def test_export_refuses_targets_inside_snapshots_and_special_files(dcp_run: Path, tmp_path: Path,
+def test_export_refuses_targets_inside_snapshots_and_special_files(engine_run: tuple[str, Path], tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str],
                                                                      target: str) -> None:
-    root = copy_run(dcp_run, tmp_path / "run") / "snapshots"
+    root = copy_run(engine_run[1], tmp_path / "run") / "snapshots"
     snapshot = root / NEWEST
     older = root / "epoch00001-step00000004"
     if target == "aside":
         older = older.rename(root / "epoch00001-step00000004.damaged-1")
-    out = {"commit": snapshot / manifest.COMMIT, "data": snapshot / "__0_0.distcp", "new_inside": older / "m.pt",
+    out = {"commit": snapshot / manifest.COMMIT, "data": data_file(snapshot), "new_inside": older / "m.pt",
            "aside": older / "m.pt", "fifo": tmp_path / "fifo", "link": tmp_path / "link"}[target]
     if target == "fifo":
         os.mkfifo(out)
     if target == "link":
         (tmp_path / "real.pt").write_bytes(b"mine")
         out.symlink_to(tmp_path / "real.pt")
-    before = {p: p.read_bytes() for p in (*snapshot.iterdir(), *older.iterdir())}
+    before = {p: p.read_bytes() for p in (*snapshot.rglob("*"), *older.rglob("*")) if p.is_file()}
     assert ckpt_main(["export", str(snapshot), str(out)]) == 2
     assert str(out) in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in (*snapshot.iterdir(), *older.iterdir())} == before
+    assert {p: p.read_bytes() for p in (*snapshot.rglob("*"), *older.rglob("*")) if p.is_file()} == before
     if target in ("new_inside", "aside"):
         assert not out.exists()
     if target == "fifo":
@@ -280,6 +307,32 @@ def test_predict_refuses_a_code_pickle_final_model_in_one_line(dcp_run: Path, tm
     assert rc == 2 and not marker.exists()
     assert f"{run_dir / 'final_model.pt'}: not a plain state dict" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("engine", ["torchsnapshot", "dcp"])
+def test_full_disk_during_a_snapshot_is_one_line_exit_2_keeping_the_earlier_one(tmp_path: Path, engine: str) -> None:
+    """The snapshots on a small tmpfs: epoch 1's snapshot (5-6 MB) fits, epoch 2's does not. Exit 2 (torchrun
+    and slurm/train.sh must not restart into the same full disk), the path and the free space named, the
+    partial snapshot gone and epoch 1's still complete."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    run_dir = tmp_path / "run"
+    root = run_dir / "snapshots"
+    root.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9000k", "tmpfs", str(root)], check=True)
+    try:
+        out = run_cli(tiny_args(run_dir, "--epochs", "2", "--checkpoint.engine", engine))
+        assert out.returncode == 2, out.stdout[-3000:]
+        assert "Traceback" not in out.stdout, out.stdout[-3000:]
+        assert f"snapshot {root / NEWEST}: no space left on device (" in out.stdout
+        assert f"free in {root})" in out.stdout
+        assert not (root / NEWEST).exists()
+        assert [s.name for s in manifest.list_snapshots(root) if s.complete] == ["epoch00001-step00000004"]
+        assert ckpt_main(["list", str(run_dir), "--verify"]) == 0  # its checksums still hold
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
 
 
 @pytest.mark.parametrize("lock", ["directory", "dangling_link", "wrong_types"])

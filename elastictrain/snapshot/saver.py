@@ -5,6 +5,7 @@ last) and applies retention. One snapshot is in flight at most; its failure is r
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
@@ -17,8 +18,9 @@ from typing import Any, Callable
 from elastictrain import device as devices
 from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
+from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
-from elastictrain.osutil import write_json_atomic
+from elastictrain.osutil import has_errno, write_json_atomic
 from elastictrain.snapshot import manifest, proof
 from elastictrain.snapshot.engines import AppState, Engine, StateDicts
 from elastictrain.snapshot.manifest import Snapshot
@@ -157,7 +159,22 @@ class Saver:
             if self.faults:  # here, not on the training thread, so that it is right after the commit
                 self.faults.maybe_fire("saved", info["step"])
         except BaseException as e:  # surfaced by wait() on the training thread, on every rank
-            self._error = e
+            self._error = self._disk_full(path, e) or e
+
+    def _disk_full(self, path: Path, error: BaseException) -> UserError | None:
+        """The user's error for a write that failed on a full disk, else None. torchrun would restart into the
+        same full disk (exit 1), so it is exit 2. DCP loses the errno (its zip writer reports "unexpected pos"),
+        hence also a filesystem with (almost) nothing left at the moment of the failure counts as full."""
+        try:
+            free: int | None = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        if not has_errno(error, errno.ENOSPC) and (free is None or free >= _FULL_BELOW_BYTES):
+            return None
+        shown = "unknown" if free is None else manifest.human_size(free)
+        return UserError(f"snapshot {path}: no space left on device ({shown} free in {self.root}); the "
+                         "incomplete snapshot is removed, earlier snapshots are kept. Free space there (or lower "
+                         "--checkpoint.keep) and start again")
 
     def _apply_retention(self) -> None:
         """Point BEST.json at the best snapshot (from the commit records), then delete rolling snapshots
@@ -179,9 +196,15 @@ class Saver:
         self._writer.join()
         self._writer, self._staging = None, None
         error, self._error = self._error, None
-        if error is not None:
+        if error is not None and not isinstance(error, UserError):
             error = RuntimeError(f"snapshot {self.root / self._writing} failed: {type(error).__name__}: {error}")
-        raise_together(self.ctx, error)
+        try:
+            raise_together(self.ctx, error)
+        except UserError:  # a full disk on some rank: give its space back (every writer has ended)
+            path = self.root / self._writing
+            if self.ctx.is_main and manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
     def close(self, timeout: float = 30.0) -> None:
         """Give a snapshot in flight ``timeout`` seconds to finish, without any collective: close also runs
@@ -193,3 +216,7 @@ class Saver:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+_FULL_BELOW_BYTES = 1 << 20
+"""Free space under which a failed snapshot write is taken for a full disk."""
