@@ -168,8 +168,14 @@ class Judge:
 
     def verdict(self, now: float, mine: dict[str, Any]) -> Verdict | None:
         """The reason to stop now, if any; ``mine`` is this rank's own record (stalled_s, limit_s, phase)."""
-        if self.peers and now - self.store_ok >= self.peer_timeout_s:
-            return Verdict(f"lost the c10d store {self.store}: no answer for {now - self.store_ok:.1f} s "
+        # A peer's silence read through a store that has stopped answering is the store's silence: a
+        # peer's seq moves at most once a heartbeat, so it can look silent for its timeout a beat before
+        # the store does. A store silent for half the timeout is the thing to name.
+        store_silent = now - self.store_ok
+        peer_silent = max((now - p.seen for p in self.peers.values() if not p.beat.get("done")), default=0.0)
+        if self.peers and (store_silent >= self.peer_timeout_s
+                           or (peer_silent >= self.peer_timeout_s and store_silent >= self.peer_timeout_s / 2)):
+            return Verdict(f"lost the c10d store {self.store}: no answer for {store_silent:.1f} s "
                            f"(its host, the host of rank 0, is down or cut off); exiting {EXIT_CODE}")
         for r, peer in self.peers.items():
             if not peer.beat.get("done") and now - peer.seen >= self.peer_timeout_s:
@@ -275,9 +281,13 @@ class Watchdog:
         return f"{self.prefix}/{rank}"
 
     def _heartbeat(self) -> None:
-        while not self.done.wait(self.heartbeat_s):
+        # The first beat at once: a rank that stops before it ever beat would be lost without its host and pid,
+        # so its peers could not find it stopped and ask for its stack.
+        while True:
             self.seq += 1
             self._exchange(self.mine())
+            if self.done.wait(self.heartbeat_s):
+                return
 
     def _watch(self) -> None:
         tick = time.monotonic()

@@ -78,6 +78,21 @@ def test_a_store_that_stops_answering_is_named_after_the_peer_timeout() -> None:
     assert verdict is not None and "lost the c10d store tr1:29500: no answer for 10.0 s" in verdict.message
 
 
+def test_a_peer_silent_only_because_the_store_is_is_not_named_as_lost() -> None:
+    """The store's host dies: the peer's last seq was seen a beat before the store's last answer, so the
+    peer reaches its timeout first; the store is still the one to name (CI saw the race)."""
+    judge = Judge(rank=1, world_size=2, peer_timeout_s=10, now=0.0, store="tr1:29500")
+    judge.store_answered(1.0, {0: beat(1)})
+    judge.store_answered(1.9, {0: beat(1)})  # the same seq: the peer's last beat was at 1.0
+    verdict = judge.verdict(11.0, me())
+    assert verdict is not None and "lost the c10d store tr1:29500: no answer for 9.1 s" in verdict.message
+    judge = Judge(rank=1, world_size=2, peer_timeout_s=10, now=0.0, store="tr1:29500")
+    judge.store_answered(1.0, {0: beat(1)})
+    judge.store_answered(10.5, {0: beat(1)})  # the store answers; only the peer is silent
+    verdict = judge.verdict(11.0, me())
+    assert verdict is not None and "lost rank 0 on host" in verdict.message
+
+
 def test_a_rank_without_progress_reports_itself_unless_a_peer_is_further_behind() -> None:
     judge = Judge(rank=0, world_size=2, peer_timeout_s=10, now=0.0)
     judge.store_answered(0.0, {1: beat(1, stalled=60.5, progress=99)})  # one boundary behind us
