@@ -174,3 +174,100 @@ def test_local_tier_settings_are_validated_and_off_explained(tmp_path: Path) -> 
     # The same tier id claimed by another run directory (a copied run dir) is not this run's.
     other = localtier.place(str(tmp_path / "base"), tmp_path / "copy", "abc", 1000, 1)
     assert other.root is None and "belongs to run directory" in other.why_off
+
+
+def durable_snapshots(run_dir: Path) -> list[manifest.Snapshot]:
+    return manifest.list_snapshots(run_dir / "snapshots")
+
+
+def assert_no_false_complete(run_dir: Path) -> None:
+    """Every durable snapshot that looks complete (has its commit record) is: its files are the committed ones."""
+    for snap in durable_snapshots(run_dir):
+        assert not snap.damaged, snap.problem
+        if snap.complete:
+            assert snap.verify() is None, (snap.name, snap.verify())
+
+
+def orphan_writers() -> list[str]:
+    """Durable writer processes whose rank (the pid on their command line) is gone."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"elastictrain.snapshot.writer" in argv and not Path(f"/proc/{argv[-2].decode()}").exists():
+            found.append(proc.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_kill_between_the_local_commit_and_its_durable_copy(reference_runs: dict[int, Path], tmp_path: Path,
+                                                              shm_base: Path, engine: str) -> None:
+    """The rank is SIGKILLed right after it handed the committed local snapshot of the epoch end (step 4) to
+    its writer process: the writer dies with it, no durable snapshot looks complete that is not, the same
+    command resumes from the local tier, makes the durable copy that was cut off, and ends bitwise."""
+    run_dir = tmp_path / "run"
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine)
+    assert run_cli([*args, "--debug.fault", "sigkill@copy=4"]).returncode != 0
+    wait_for(lambda: not orphan_writers(), 10, "the writer process dies with its rank")
+    assert_no_false_complete(run_dir)
+    out = run_cli(args, check=True).stdout
+    event = resume_event(run_dir)
+    assert event["tier"] == "local" and event["step"] == 4, event
+    assert "epoch00001-step00000004: making the durable copy the last attempt did not finish" in out
+    assert "epoch00001-step00000004 committed (copied from the local tier" in out
+    assert_no_false_complete(run_dir)
+    assert [s.name for s in durable_snapshots(run_dir) if s.complete] == ["epoch00003-step00000012",
+                                                                            "epoch00002-step00000008"]
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_writer_process_killed_alone(reference_runs: dict[int, Path], tmp_path: Path, shm_base: Path,
+                                         engine: str) -> None:
+    """The writer SIGKILLs itself mid-copy of step 4's durable snapshot: the run goes on (one warning), the
+    cut-off copy never looks complete, the next durable snapshot (step 8) is written by a new writer. The
+    rank is then killed at step 11 (the copy of step 8 was waited for before the local snapshot of step 10:
+    two generations) and the node's memory lost (the local tier deleted): the same command
+    restores the copied durable snapshot of step 8 and ends bitwise."""
+    run_dir = tmp_path / "run"
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine)
+    first = run_cli([*args, "--debug.fault", "sigkill@writer=4,sigkill@step=11"])
+    assert first.returncode != 0
+    assert "durable snapshot epoch00001-step00000004 not written: the durable writer process died (signal " \
+           "SIGKILL)" in first.stdout, first.stdout[-3000:]
+    assert "epoch00002-step00000008 committed (copied from the local tier" in first.stdout
+    assert_no_false_complete(run_dir)
+    assert [s.name for s in durable_snapshots(run_dir)] == ["epoch00002-step00000008"]
+    shutil.rmtree(shm_base)
+    run_cli(args, check=True)
+    event = resume_event(run_dir)
+    assert event["tier"] == "durable" and event["step"] == 8, event
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+def test_the_writer_copies_only_the_committed_bytes(tmp_path: Path) -> None:
+    """The writer's copy: the same bytes, checked against the local commit record, the commit record last;
+    a local file changed after its commit is one error line naming it, and leaves nothing complete-looking."""
+    from elastictrain.snapshot import writer
+
+    src = tmp_path / "local" / manifest.snapshot_name(1, 4)
+    (src / "0").mkdir(parents=True)
+    (src / ".snapshot_metadata").write_text("{}")
+    (src / "0" / "model").write_bytes(os.urandom(3 * 2**20 + 5))
+    local = manifest.write_commit(src, {"name": src.name, "epoch": 1, "step": 4, "engine": "torchsnapshot",
+                                        "tier": "rolling", "where": "local", "started_at": 0.0})
+    record = {k: v for k, v in local.items() if k not in ("record_sha256", "where")}
+    dst = tmp_path / "run" / "snapshots" / src.name
+    job = {"src": str(src), "dst": str(dst), "record": record, "keep": 2}
+    assert writer.copy_snapshot(job)["ok"]
+    copied = manifest.Snapshot.at(dst)
+    assert copied.complete and copied.verify() is None and copied.commit["files"] == local["files"]
+    (src / "0" / "model").write_bytes(b"x" * (3 * 2**20 + 5))  # same size, other bytes
+    answer = writer.copy_snapshot(job)  # the complete copy of that name is moved aside, never deleted
+    assert not answer["ok"] and f"{src / '0' / 'model'}" in answer["error"] and "\n" not in answer["error"]
+    assert manifest.read_commit(dst) is None
+    assert [p.name.split(".")[1].split("-")[0] for p in dst.parent.glob("*.superseded-*")] == ["superseded"]

@@ -24,7 +24,9 @@ The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RU
 ``checkpoint.local_every_steps`` steps, by a second saver on its own process group (its writer thread's
 collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
 local snapshot is committed before the next optimizer step runs, so a kill loses at most one step. A restore
-takes the newest snapshot every rank can read, local or durable.
+takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
+one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
+writer process (copier.py, writer.py) instead of the in-process writer thread.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from elastictrain.faults import FaultInjector
 from elastictrain.runlog import METRICS_FILE, read_metrics
 from elastictrain.snapshot import localtier, manifest
 from elastictrain.snapshot.appstate import build_app_state
+from elastictrain.snapshot.copier import DurableCopier
 from elastictrain.snapshot.engines import AppState, Engine, build_engine
 from elastictrain.snapshot.interval import SnapshotClock, failure_history
 from elastictrain.snapshot.restorer import Restorer, ResumeInfo
@@ -90,6 +93,9 @@ class SnapshotManager:
         self.engine: Engine = build_engine(cfg.engine)
         self.on_event = on_event
         self.saver = Saver(cfg, ctx, self.root, self.engine, prepare, faults)
+        self.faults = faults
+        self.copier: DurableCopier | None = None
+        """Durable snapshots copied from the local tier by a writer process (set up by restore_latest)."""
         self.restorer = Restorer(cfg, ctx, self.root, self.engine, run_config, faults)
         self.clock = SnapshotClock(cfg.every_steps, cfg.every_minutes, cfg.mtbf_hours)
         self._interval_logged: float | None = None
@@ -106,6 +112,11 @@ class SnapshotManager:
         self._local_bytes = 0
         self._room_warned = False
         self._local_created = False
+
+    @property
+    def durable(self) -> Saver | DurableCopier:
+        """Who writes durable snapshots: the writer process (from the local tier) or the writer thread."""
+        return self.copier if self.copier is not None else self.saver
 
     @staticmethod
     def app_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
@@ -149,11 +160,11 @@ class SnapshotManager:
             self._announce_interval = False
             self._report_interval(state.step, force=True)
         now = time.monotonic()
-        writer_done = self.saver.written
-        self.clock.boundary(now, writing=self.saver.writing)
+        writer_done = self.durable.written
+        self.clock.boundary(now, writing=self.durable.writing)
         if writer_done and self.clock.written() is not None and self.clock.auto:
             self._report_interval(state.step)
-        if self.cfg.mode == "off" or state.step == self.saver.held_step:
+        if self.cfg.mode == "off" or state.step == self.durable.held_step:
             return False
         return self.clock.due(state.step, now)
 
@@ -174,6 +185,8 @@ class SnapshotManager:
             self.local.wait()
             self.local_clock.add_blocked(time.perf_counter() - start)
             self.local_clock.written()
+        if self.copier is not None:
+            self.copier.hand_over()  # a durable snapshot waiting for this local commit goes to the writer
 
     def save_now(self, app_state: AppState, state: TrainState) -> str | None:
         """A snapshot at the current step (preemption), returned once committed: its name, or None when there
@@ -182,7 +195,7 @@ class SnapshotManager:
             log.warning("--checkpoint.mode off: no snapshot is taken; a re-run starts from the latest snapshot "
                         "in %s, if any", self.root)
             return None
-        if state.step == self.saver.held_step:
+        if state.step == self.durable.held_step:
             self.wait()
             return manifest.snapshot_name(state.epoch, state.step)
         return self._save(app_state, state, None, False, background=False, end_of_epoch=state.sample_offset == 0)
@@ -197,7 +210,7 @@ class SnapshotManager:
         start = time.perf_counter()
         record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1],
                   "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss, "is_best": is_best}
-        name = self.saver.take(app_state, state, record, background)
+        name = self.durable.take(app_state, state, record, background)
         blocked = time.perf_counter() - start
         self.blocked_seconds.append(blocked)
         self.clock.started(time.monotonic(), blocked)
@@ -207,12 +220,16 @@ class SnapshotManager:
         """Block until the snapshot in flight (if any) is committed on every rank; a failure on any rank is
         raised on every rank, with the same message."""
         self.saver.wait()
+        if self.copier is not None:
+            self.copier.wait()
         if self.local is not None:
             self.local.wait()
 
     def close(self, timeout: float = 30.0) -> None:
         """Give a snapshot in flight ``timeout`` seconds to finish, without any collective (see Saver.close)."""
         self.saver.close(timeout)
+        if self.copier is not None:
+            self.copier.close(timeout)
         if self.local is not None:
             self.local.close(timeout)
 
@@ -224,7 +241,7 @@ class SnapshotManager:
             return False, False
         now = time.monotonic()
         self.local_clock.boundary(now, writing=False)  # a local write never outlives its step
-        if state.step in (0, self.local.held_step, self.saver.held_step):
+        if state.step in (0, self.local.held_step, self.durable.held_step):
             return False, False
         due = self.local_clock.due(state.step, now)
         return due, due and not localtier.has_room(self.local.root, self._local_bytes)
@@ -241,14 +258,9 @@ class SnapshotManager:
             self._room_warned = True
             return None
         self.saver.wait()  # one writer thread at a time: the durable snapshot in flight first
-        if not self._local_created:
-            error = None
-            try:  # every rank: each node has its own (racing ranks of one node are harmless: exist_ok, renames)
-                localtier.create(self.local.root, self.run_dir)
-            except (OSError, RuntimeError) as e:
-                error = e
-            raise_together(self.ctx, error)
-            self._local_created = True
+        if self.copier is not None:
+            self.copier.before_local_snapshot()
+        self._create_local()
         start = time.perf_counter()
         record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1], "tier": "rolling",
                   "val_loss": None, "is_best": False,
@@ -256,6 +268,20 @@ class SnapshotManager:
         name = self.local.take(app_state, state, record, background=True)
         self.local_clock.started(time.monotonic(), time.perf_counter() - start)
         return name
+
+    def _create_local(self) -> None:
+        """Before the first local snapshot, every rank: the tier's directories (each node has its own; racing
+        ranks of one node are harmless: exist_ok, renames)."""
+        if self._local_created:
+            return
+        assert self.local is not None
+        error = None
+        try:
+            localtier.create(self.local.root, self.run_dir)
+        except (OSError, RuntimeError) as e:
+            error = e
+        raise_together(self.ctx, error)
+        self._local_created = True
 
     def finish(self) -> None:
         """The run finished: wait for every snapshot, then remove this run's local tier (each node's first rank)."""
@@ -294,6 +320,8 @@ class SnapshotManager:
             ctx = dataclasses.replace(ctx, ckpt_group=dist.new_group(backend="gloo"))
         self.local = Saver(dataclasses.replace(self.cfg, keep=1, mode="async"), ctx, placement.root, self.engine,
                            self.saver.prepare, None, log_level=logging.DEBUG)
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size:  # one node: see copier.py
+            self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults)
         if self.ctx.is_main:
             log.info("local snapshot tier: %s, %s", placement.root,
                      f"every {self.local_clock.every_steps} step(s)" if self.local_clock.every_steps else
@@ -313,8 +341,10 @@ class SnapshotManager:
         resumed, self._lineage = found
         if resumed.tier == "local":
             self.local.held_step = resumed.step  # type: ignore[union-attr]
+            if self.copier is not None:
+                self.copier.resume_copy(manifest.read_commit(resumed.path) or {})
         else:
-            self.saver.held_step = resumed.step
+            self.durable.held_step = resumed.step
         return resumed
 
     def _read_failure_history(self) -> None:
