@@ -8,8 +8,8 @@ and hashing run in the writer at low priority. Used where one node holds every r
 directory then holds every rank's files, and rank 0's local commit record lists them all); elsewhere (no
 local tier, several nodes) the in-process writer thread of saver.py writes durable snapshots.
 
-Two generations in memory still: the local snapshot being copied is pinned (retention keeps it) and a local
-snapshot after the next one waits for the copy to finish. A writer that died (killed alone, out of memory)
+Memory: the local snapshot being copied is pinned (retention keeps it), so while a copy runs the tier may
+hold a third generation, when the file system has room for it (else the local snapshot waits for the copy). A writer that died (killed alone, out of memory)
 loses that durable snapshot only: its debris is removed, a new writer takes the next one.
 """
 
@@ -52,6 +52,8 @@ class DurableCopier:
         """The durable snapshot whose local snapshot is not committed yet: handed over once it is."""
         self._copying = ""
         """Name of the snapshot handed to the writer and not yet waited for ('' for none), on every rank."""
+        self._deaths = 0
+        """Writers that died on consecutive jobs (one is a warning, two an error)."""
         self._writer = WriterProcess() if ctx.is_main else None
         if self._writer is not None:
             self._writer.start()  # now, on the main thread (see WriterProcess.start), and off the first save
@@ -71,7 +73,6 @@ class DurableCopier:
         self.wait()
         name = manifest.snapshot_name(state.epoch, state.step)
         if self.local.held_step != state.step:
-            self.before_local_snapshot()
             self.ensure_local()
             # The durable record rides along: a rank killed before the copy finds it in what it restores.
             self.local.take(app_state, state, {**record, "tier": "rolling", "val_loss": None, "is_best": False,
@@ -97,9 +98,16 @@ class DurableCopier:
         self.held_step = commit["step"]
         self.hand_over()
 
-    def before_local_snapshot(self) -> None:
-        """A third local snapshot (pinned one, newer one, this one) waits for the copy: two generations."""
-        if self._copying and self.local.held_step > manifest.parse_name(self._copying)[1]:
+    def before_local_snapshot(self, room_for_another: Callable[[], bool]) -> None:
+        """Every rank, before a local snapshot: a copy that has finished is collected (its pinned local
+        snapshot goes). One still running makes this a third generation in memory (the one being copied, the
+        newest, this one): allowed while ``room_for_another`` (rank 0's file system keeps its safe margin),
+        else this local snapshot waits for the copy. (Waiting always cost a step's worth of blocked loop per
+        durable snapshot here: the copy takes about two steps.)"""
+        if not self._copying or self.local.held_step <= manifest.parse_name(self._copying)[1]:
+            return
+        busy = self._writer is not None and self._writer.busy
+        if on_main_together(self.ctx, lambda: not busy or not room_for_another()):
             self.wait()
 
     def hand_over(self) -> None:
@@ -136,7 +144,12 @@ class DurableCopier:
         if self._writer is not None:
             answer = self._writer.collect() or {"ok": False, "error": "no answer"}
             self.local.pinned = ""
-            if answer.get("died"):
+            self._deaths = self._deaths + 1 if answer.get("died") else 0
+            if self._deaths >= 2:  # not a stray kill: without durable snapshots the run must not go on silently
+                self._remove_debris(self.root / name)
+                error = RuntimeError(f"snapshot {self.root / name} failed: {answer['error']}, the second writer "
+                                     f"in a row")
+            elif answer.get("died"):
                 log.warning("durable snapshot %s not written: %s; it stays incomplete (removed), a new writer "
                             "process takes the next one", name, answer["error"])
                 self._remove_debris(self.root / name)

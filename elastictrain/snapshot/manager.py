@@ -259,7 +259,8 @@ class SnapshotManager:
             return None
         self.saver.wait()  # one writer thread at a time: the durable snapshot in flight first
         if self.copier is not None:
-            self.copier.before_local_snapshot()
+            self.copier.before_local_snapshot(lambda: localtier.has_room(self.local.root,  # type: ignore[union-attr]
+                                                                         self._local_bytes))
         self._create_local()
         start = time.perf_counter()
         record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1], "tier": "rolling",
