@@ -89,8 +89,9 @@ class DurableCopier:
         """After a restore from the local tier: a local snapshot that was to become durable and has no durable
         copy yet (the rank was killed between the two) is copied now."""
         name, record = commit.get("name"), commit.get("durable")
-        if not isinstance(record, dict) or not isinstance(name, str) or on_main_together(self.ctx, lambda: manifest.read_commit(self.root / name)
-                                                            is not None):
+        if not isinstance(record, dict) or not isinstance(name, str):
+            return
+        if on_main_together(self.ctx, lambda: manifest.read_commit(self.root / name) is not None):
             return
         if self.ctx.is_main:
             log.info("snapshot %s: making the durable copy the last attempt did not finish", name)
