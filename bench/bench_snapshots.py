@@ -1,9 +1,12 @@
 """What snapshots cost the training loop: the same run without snapshots, with a sync or async snapshot every
-epoch, with an async one every N steps, and with the automatic interval, per engine.
+epoch, with an async one every N steps, with the automatic interval, and with a node-local snapshot every
+step plus a durable one every epoch copied by the writer process, per engine; and what one durable snapshot
+costs in total, against bench/plain_loop.py's synchronous torch.save of the same state.
 
     python bench/bench_snapshots.py                      # resnet34 Unet (configs/default.yaml), 1 process
     python bench/bench_snapshots.py --nproc 2 --epochs 6 --image-size 128
     python bench/bench_snapshots.py --policies off,async,steps   # a subset
+    python bench/bench_snapshots.py --policies off,plain,async,local,localonly --engines dcp   # the writer process
 
 Each configuration is a real ``python -m elastictrain`` run (under torchrun when --nproc > 1) in its own
 run directory under --out, with every snapshot kept so each one is measured; a run directory is deleted
@@ -11,7 +14,10 @@ after it has been read unless --keep. Configurations run interleaved, --rounds t
 every other round (position in a round moved identical runs by 8% on these machines), and figures are pooled
 over rounds. 'off' runs twice per round ('off' and 'off again'): their difference is the noise floor, and a
 ratio inside it is no finding. Policies: off, sync (every epoch), async (every epoch), steps (async, every
---every-steps steps too), auto (async, --checkpoint.every_minutes auto). Printed per configuration:
+--every-steps steps too), auto (async, --checkpoint.every_minutes auto), all without the local tier; local (a
+local snapshot every step, the durable one every epoch made from it by the writer process), localonly (a
+local snapshot every step, the durable one only after the last epoch); plain (bench/plain_loop.py, with and
+without its torch.save at every epoch end: 'plain' and 'plain nosave'). Printed per configuration:
 
   epoch s     epoch time, median and minimum over epochs 2.. of every round (the first warms up; a
               snapshot's blocked time and its background write fall inside the next epoch); 'x off' divides
@@ -23,6 +29,10 @@ ratio inside it is no finding. Policies: off, sync (every epoch), async (every e
               and the throughput that gives, next to `dd` on the same disk (page cache, and fdatasync)
   checksum    seconds the commit spent fsyncing and hashing each snapshot (off the loop in async mode)
   verify      re-hashing the newest snapshot against its manifest, as a resume does (warm page cache)
+
+and the total cost of one durable snapshot (the loop blocked plus the slower steps while it is written), as the
+difference of median epoch times: local - localonly (the writer process), async - off (the writer thread),
+plain - plain nosave (a synchronous torch.save), each divided by the last.
 """
 
 from __future__ import annotations
@@ -67,22 +77,25 @@ def parse_args() -> argparse.Namespace:
 
 POLICY_ARGS = {
     "off": ["--checkpoint.mode", "off"],
-    "sync": ["--checkpoint.mode", "sync"],
-    "async": ["--checkpoint.mode", "async"],
-    "steps": ["--checkpoint.mode", "async", "--checkpoint.every_steps", "{every_steps}"],
+    "sync": ["--checkpoint.mode", "sync", "--checkpoint.local_every_steps", "0"],
+    "async": ["--checkpoint.mode", "async", "--checkpoint.local_every_steps", "0"],
+    "steps": ["--checkpoint.mode", "async", "--checkpoint.every_steps", "{every_steps}",
+              "--checkpoint.local_every_steps", "0"],
     "auto": ["--checkpoint.mode", "async", "--checkpoint.every_minutes", "auto", "--checkpoint.mtbf_hours",
-             "{mtbf_hours}"],
+             "{mtbf_hours}", "--checkpoint.local_every_steps", "0"],
+    "local": ["--checkpoint.mode", "async", "--checkpoint.local_every_steps", "1"],
+    "localonly": ["--checkpoint.mode", "async", "--checkpoint.local_every_steps", "1", "--checkpoint.interval",
+                  "100000"],
 }
 
 
 def run_training(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -> float:
-    train = ["-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
-             "--epochs", str(args.epochs), "--data.image_size", str(args.image_size),
-             "--data.train_samples", str(args.train_samples), "--data.val_samples", str(args.batch_size),
-             "--data.num_workers", "0", "--train.batch_size", str(args.batch_size), "--train.log_every", "1000",
-             *[a.format(every_steps=args.every_steps, mtbf_hours=args.mtbf_hours) for a in POLICY_ARGS[policy]],
-             "--checkpoint.engine", engine, "--checkpoint.keep", "1000",
-             "--checkpoint.permanent_every", "0", "--metrics.wandb", "disabled", "--metrics.progress", "off"]
+    if policy == "plain":
+        run_dir.mkdir(parents=True)
+        train = [str(ROOT / "bench" / "plain_loop.py"), str(run_dir), str(args.epochs), str(args.image_size),
+                 str(args.train_samples), str(args.batch_size), "0" if engine == "nosave" else "1"]
+    else:
+        train = elastictrain_args(args, run_dir, engine, policy)
     cmd = [sys.executable, *train]
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
@@ -95,8 +108,23 @@ def run_training(args: argparse.Namespace, run_dir: Path, engine: str, policy: s
     return time.perf_counter() - start
 
 
+def elastictrain_args(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -> list[str]:
+    return ["-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
+             "--epochs", str(args.epochs), "--data.image_size", str(args.image_size),
+             "--data.train_samples", str(args.train_samples), "--data.val_samples", str(args.batch_size),
+             "--data.num_workers", "0", "--train.batch_size", str(args.batch_size), "--train.log_every", "1000",
+             *[a.format(every_steps=args.every_steps, mtbf_hours=args.mtbf_hours) for a in POLICY_ARGS[policy]],
+             "--checkpoint.engine", engine, "--checkpoint.keep", "1000",
+             "--checkpoint.permanent_every", "0", "--metrics.wandb", "disabled", "--metrics.progress", "off"]
+
+
 def measure(run_dir: Path, into: dict[str, list[float]]) -> None:
     """Append this run's figures to ``into`` (lists per figure, pooled over rounds)."""
+    if (run_dir / "plain.jsonl").exists():  # the plain loop: epoch times from its last steps
+        lasts = [json.loads(line)["time"] for line in (run_dir / "plain.jsonl").read_text().splitlines()
+                 if '"last_step"' in line]
+        into["epoch"] += [b - a for a, b in zip(lasts, lasts[1:])]
+        return
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     start = next(r["time"] for r in records if r.get("event") == "start")
     ends = [start] + [r["time"] for r in records if r["kind"] == "val"]
@@ -137,7 +165,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = args.policies.split(",")
     configs = [("-", "off"), ("-", "off again")] if "off" in policies else []
-    configs += [(e, p) for e in args.engines.split(",") for p in policies if p != "off"]
+    configs += [("save", "plain"), ("nosave", "plain")] if "plain" in policies else []
+    configs += [(e, p) for e in args.engines.split(",") for p in policies if p not in ("off", "plain")]
     results: dict[tuple[str, str], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
     for round_ in range(args.rounds):
         for engine, policy in (configs if round_ % 2 == 0 else configs[::-1]):
@@ -192,11 +221,35 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], dict[st
             w(f"{engine}: async blocks the loop {ratio:.1%} of a sync snapshot (target <= 5%); epoch time with an "
               f"async snapshot every epoch {med(a['epoch']) / base:.3f}x none, median; "
               f"blocked time alone is {med(a['blocked']) / base:.1%} of an epoch\n")
-        for policy, target in (("steps", 1.03), ("auto", 1.02)):
+        for policy, target in (("steps", 1.03), ("auto", 1.02), ("local", 1.03)):
             r = results.get((engine, policy))
             if r and r["epoch"]:
                 w(f"{engine}: epoch time with policy {policy} {med(r['epoch']) / base:.3f}x none, median "
                   f"(target <= {target}x), {len(r['blocked']) / args.rounds:.0f} snapshots a run\n")
+    print_total_cost(args, results)
+
+
+def print_total_cost(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, list[float]]]) -> None:
+    """One durable snapshot's total cost (blocked + slower steps while written) as a difference of median
+    epoch times, against the plain loop's synchronous torch.save; the noise floor in the same seconds."""
+    med, w = statistics.median, sys.stdout.write
+    plain, nosave = results.get(("save", "plain")), results.get(("nosave", "plain"))
+    if not (plain and nosave and plain["epoch"] and nosave["epoch"]):
+        return
+    save_cost = med(plain["epoch"]) - med(nosave["epoch"])
+    w(f"\none durable snapshot's total cost per epoch (difference of median epoch times); plain loop's torch.save: "
+      f"{save_cost:.2f} s\n")
+    if ("-", "off again") in results:
+        w(f"noise floor: off again - off = {med(results[('-', 'off again')]['epoch']) - med(results[('-', 'off')]['epoch']):+.2f} s\n")
+    for engine in args.engines.split(","):
+        pairs = (("writer process", (engine, "local"), (engine, "localonly")),
+                 ("writer thread", (engine, "async"), ("-", "off")))
+        for what, with_, without in pairs:
+            a, b = results.get(with_), results.get(without)
+            if a and b and a["epoch"] and b["epoch"]:
+                cost = med(a["epoch"]) - med(b["epoch"])
+                w(f"{engine}: {what} ({with_[1]} - {without[1]}) {cost:+.2f} s = {cost / save_cost:.2f}x the plain "
+                  f"loop's torch.save (target <= 0.5x)\n")
 
 
 if __name__ == "__main__":

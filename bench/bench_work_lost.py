@@ -1,7 +1,10 @@
 """Expected work lost per failure: a run SIGKILLed at a random time, then the same command again; with a
-snapshot at every epoch end only, against the automatic interval (``--checkpoint.every_minutes auto``).
+snapshot at every epoch end only ('epoch'), against the automatic interval (``--checkpoint.every_minutes
+auto``) and against a node-local snapshot every step ('local': ``--checkpoint.local_every_steps 1``, durable
+ones at epoch ends). 'epoch' and 'auto' run without the local tier.
 
     python bench/bench_work_lost.py --trials 10          # resnet34 Unet (configs/default.yaml), 1 process
+    python bench/bench_work_lost.py --trials 2 --append runs/lost.json   # pool trials over several invocations
 
 Per trial and configuration (interleaved, the order reversed every other trial): start the run; at a time
 drawn uniformly from [--kill-after, --kill-after + --window] seconds after its first training step, SIGKILL
@@ -35,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from elastictrain.snapshot import localtier  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,12 +56,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--window", type=float, default=50.0, help="kill times are uniform over this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-lost")
+    p.add_argument("--policies", default="epoch,auto,local")
+    p.add_argument("--append", default="", help="a JSON file of earlier trials of the same configurations: this "
+                   "invocation's trials are added to it and the table shows them all (short runs under a lock)")
     return p.parse_args()
 
 
 def command(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -> list[str]:
-    extra = ["--checkpoint.every_minutes", "auto", "--checkpoint.mtbf_hours", str(args.mtbf_hours)] \
-        if policy == "auto" else []
+    extra = {"epoch": ["--checkpoint.local_every_steps", "0"],
+             "auto": ["--checkpoint.every_minutes", "auto", "--checkpoint.mtbf_hours", str(args.mtbf_hours),
+                      "--checkpoint.local_every_steps", "0"],
+             "local": ["--checkpoint.local_every_steps", "1"]}[policy]
     return [sys.executable, "-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
             "--epochs", "3", "--data.image_size", str(args.image_size), "--data.train_samples",
             str(args.train_samples), "--data.val_samples", str(args.batch_size), "--data.num_workers", "0",
@@ -102,8 +113,16 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def trial(args: argparse.Namespace, run_dir: Path, engine: str, policy: str, delay: float) -> dict[str, float]:
+def remove_run(run_dir: Path) -> None:
+    """The run directory and its node-local tier (a killed run leaves it in /dev/shm: 2 generations of state)."""
+    base, tier_id = localtier.of_run(run_dir)
+    if base is not None and tier_id:
+        shutil.rmtree(base / tier_id, ignore_errors=True)
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def trial(args: argparse.Namespace, run_dir: Path, engine: str, policy: str, delay: float) -> dict[str, float]:
+    remove_run(run_dir)
     run_dir.mkdir(parents=True)
     cmd = command(args, run_dir, engine, policy)
     proc = start(cmd, run_dir.parent / f"{run_dir.name}.log")
@@ -128,6 +147,7 @@ def trial(args: argparse.Namespace, run_dir: Path, engine: str, policy: str, del
     finally:
         kill(proc)
     again = [r for r in records(run_dir) if r.get("event") in ("resume", "start") and r["time"] > killed_at][0]
+    remove_run(run_dir)
     recomputed = before[-1]["step"] - again["step"]
     step_s = statistics.median(steps) if steps else 0.0
     return {"delay": delay, "recomputed_steps": recomputed, "recomputed_s": recomputed * step_s,
@@ -139,20 +159,27 @@ def main() -> int:
     args = parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
-    configs = [(e, p) for e in args.engines.split(",") for p in ("epoch", "auto")]
+    configs = [(e, p) for e in args.engines.split(",") for p in args.policies.split(",")]
     results: dict[tuple[str, str], list[dict[str, float]]] = {c: [] for c in configs}
-    for t in range(args.trials):
+    pooled = Path(args.append) if args.append else None
+    if pooled is not None and pooled.exists():
+        for key, trials in json.loads(pooled.read_text()).items():
+            engine, policy = key.split("/")
+            results.setdefault((engine, policy), []).extend(trials)
+    done = max((len(v) for v in results.values()), default=0)
+    rng = random.Random(args.seed + done)  # other kill times than the earlier invocations'
+    for t in range(done, done + args.trials):
         delay = args.kill_after + rng.uniform(0, args.window)  # the same kill time for every configuration
         for engine, policy in (configs if t % 2 == 0 else configs[::-1]):
             r = trial(args, out / f"{engine}-{policy}", engine, policy, delay)
             results[(engine, policy)].append(r)
-            sys.stderr.write(f"trial {t + 1}/{args.trials} {engine} {policy}: killed {delay:.1f}s in, "
+            sys.stderr.write(f"trial {t + 1}/{done + args.trials} {engine} {policy}: killed {delay:.1f}s in, "
                              f"{r['recomputed_steps']} steps redone, restart {r['restart_s']:.1f}s\n")
     med, mean = statistics.median, statistics.mean
     w = sys.stdout.write
+    trials = min(len(v) for v in results.values())
     w(f"\n{Path(args.config).name}, 1 process, {args.train_samples} samples an epoch at {args.image_size}px, batch "
-      f"{args.batch_size}; {args.trials} kills per configuration, uniform over {args.kill_after:.0f}-"
+      f"{args.batch_size}; {trials} kills per configuration, uniform over {args.kill_after:.0f}-"
       f"{args.kill_after + args.window:.0f} s after the first step; auto with MTBF {args.mtbf_hours} h\n\n")
     w(f"{'engine':<14}{'snapshots':<10}{'step s':>8}{'interval s':>12}{'redone steps mean':>19}"
       f"{'redone s mean':>15}{'restart s med':>15}{'lost s mean':>13}{'lost s med':>12}\n")
@@ -161,11 +188,21 @@ def main() -> int:
           f"{med(r['interval_s'] for r in rs):>12.1f}{mean(r['recomputed_steps'] for r in rs):>19.1f}"
           f"{mean(r['recomputed_s'] for r in rs):>15.1f}{med(r['restart_s'] for r in rs):>15.1f}"
           f"{mean(r['lost_s'] for r in rs):>13.1f}{med(r['lost_s'] for r in rs):>12.1f}\n")
-    for engine in args.engines.split(","):
-        epoch, auto = results[(engine, "epoch")], results[(engine, "auto")]
-        w(f"{engine}: expected work lost per failure, auto / epoch-only = "
-          f"{mean(r['lost_s'] for r in auto) / mean(r['lost_s'] for r in epoch):.2f}\n")
-    (out / "results.json").write_text(json.dumps({f"{e}/{p}": v for (e, p), v in results.items()}, indent=1))
+    for engine in sorted({e for e, _ in results}):
+        epoch = results.get((engine, "epoch"))
+        for policy in ("auto", "local"):
+            other = results.get((engine, policy))
+            if epoch and other:
+                w(f"{engine}: expected work lost per failure, {policy} / epoch-only = "
+                  f"{mean(r['lost_s'] for r in other) / mean(r['lost_s'] for r in epoch):.2f}\n")
+        local = results.get((engine, "local"))
+        if local:
+            w(f"{engine}: local every step redoes at most {max(r['recomputed_steps'] for r in local)} step(s) "
+              f"(target: one step + the restart)\n")
+    saved = json.dumps({f"{e}/{p}": v for (e, p), v in results.items()}, indent=1)
+    (out / "results.json").write_text(saved)
+    if pooled is not None:
+        pooled.write_text(saved)
     return 0
 
 

@@ -3,11 +3,12 @@ bench/bench_overhead.py. Same model, loss, optimizer, LR schedule, gradient clip
 DDP under torchrun; one ``torch.save`` (rank 0, temp file + rename) at every epoch end and ``torch.load``
 (weights_only) at start-up when the file exists. No fault tolerance beyond that.
 
-    python bench/plain_loop.py RUN_DIR EPOCHS IMAGE_SIZE TRAIN_SAMPLES BATCH
+    python bench/plain_loop.py RUN_DIR EPOCHS IMAGE_SIZE TRAIN_SAMPLES BATCH [SAVE]
     torchrun --nproc-per-node 2 bench/plain_loop.py ...
 
 Writes RUN_DIR/plain.jsonl: a 'first_step' record (the first step of this process completed) and a
 'last_step' record per epoch (its last step completed, before the save), as bench_overhead.py reads them.
+SAVE 0 skips the torch.save (bench_snapshots.py: what one synchronous save costs an epoch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 def main() -> None:
     run_dir, epochs, size, samples, batch = Path(sys.argv[1]), *map(int, sys.argv[2:6])
+    save = len(sys.argv) < 7 or sys.argv[6] != "0"
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("gloo")
@@ -77,7 +79,7 @@ def main() -> None:
             log.write(json.dumps({"kind": "last_step", "epoch": epoch + 1, "time": time.time(),
                                   "steps": steps_per_epoch}) + "\n")
             log.flush()
-        if rank == 0:
+        if rank == 0 and save:
             tmp = ckpt.with_name(".plain.pt.tmp")
             torch.save({"model": (model.module if distributed else model).state_dict(), "optim": opt.state_dict(),
                         "sched": sched.state_dict(), "epoch": epoch + 1}, tmp)

@@ -1,10 +1,12 @@
 """``elastictrain ckpt``: look at, export and tidy the snapshots of a run, with no training job running.
 
-    elastictrain ckpt list RUN_DIR [--verify]      every snapshot: tier, epoch, step, samples, state, val loss, size
+    elastictrain ckpt list RUN_DIR [--verify]      every snapshot (durable and node-local): tier, epoch, step,
+                                                   samples, state, val loss, size
     elastictrain ckpt inspect SNAPSHOT             counters, best val loss, history, world size, engine, config
     elastictrain ckpt export SNAPSHOT OUT.pt       plain state dict for inference (torch.load(weights_only=True))
     elastictrain ckpt clean RUN_DIR [--yes]        delete rolling snapshots no resume needs; a dry run unless --yes;
-                                                   permanent, best and damaged ones only with --delete-KIND
+                                                   permanent, best and damaged ones only with --delete-KIND;
+                                                   names other runs' node-local tiers, deletes the stale ones
 
 Everything runs at world size 1 on CPU without a process group, whatever world size wrote the snapshot.
 Exit status: 0 done, 1 a snapshot is damaged or unreadable, 2 a usage error or a missing path.
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the snapshots of a run directory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--verify", action="store_true", help="hash every file against the commit manifest")
+    p.add_argument("--local-dir", help="the run's checkpoint.local_dir (default: from RUN_DIR/config.yaml)")
     p = sub.add_parser("inspect", help="what a snapshot holds besides tensors")
     p.add_argument("snapshot", type=Path)
     p.add_argument("--full-config", action="store_true", help="print the whole stored config")
@@ -42,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="delete rolling snapshots no resume needs (dry run unless --yes)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--yes", action="store_true", help="really delete (default: only print the plan)")
+    p.add_argument("--local-dir", help="the run's checkpoint.local_dir (default: from RUN_DIR/config.yaml)")
     for kind in DELETABLE:
         p.add_argument(f"--delete-{kind}", action="store_true", help=f"also delete {kind} snapshots (kept otherwise)")
     return parser
@@ -74,9 +78,21 @@ def _table(rows: list[list[str]]) -> None:
 
 
 def list_snapshots(args: argparse.Namespace) -> int:
+    from elastictrain.snapshot import localtier
     from elastictrain.snapshot.offline import snapshots_root
 
-    root = snapshots_root(args.run_dir)
+    status = _list_root(snapshots_root(args.run_dir), args.verify, "durable")
+    base, tier_id = localtier.of_run(args.run_dir, args.local_dir)
+    local = base / tier_id / "snapshots" if base is not None and tier_id else None
+    if local is not None and local.is_dir():
+        status = max(status, _list_root(local, args.verify, "local"))
+    else:
+        _out(f"local tier: none ({'no local tier on this node' if tier_id else 'this run never had one'})")
+    return status
+
+
+def _list_root(root: Path, verify: bool, where: str) -> int:
+    """One tier's table; 1 when a snapshot is damaged."""
     snapshots = manifest.list_snapshots(root)
     best = manifest.best_snapshot(snapshots)
     rows = [["", "SNAPSHOT", "TIER", "EPOCH", "STEP", "SAMPLES", "STATE", "VERIFIED", "VAL LOSS", "SIZE"]]
@@ -86,7 +102,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
         verified = "-"
         if snap.complete:
             verified = "not checked"
-            if args.verify:
+            if verify:
                 problem = snap.verify()
                 verified = "ok" if problem is None else "DAMAGED"
                 if problem:
@@ -99,7 +115,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
         rows.append(["*" if best is not None and snap.name == best.name else "", snap.name, snap.tier,
                      str(epoch), str(step), samples, state, verified,
                      "-" if val is None else f"{val:.4f}", manifest.human_size(manifest.dir_size(snap.path))])
-    _out(f"{root}: {len(snapshots)} snapshot(s)")
+    _out(f"{where} tier {root}: {len(snapshots)} snapshot(s)")
     if snapshots:
         _table(rows)
         _out(("(* = best by validation loss" if best else "(no best snapshot yet") +
@@ -183,11 +199,11 @@ def clean(args: argparse.Namespace) -> int:
     from elastictrain.snapshot.offline import clean_plan, snapshots_root
 
     root = snapshots_root(args.run_dir)
-    plan = clean_plan(root, frozenset(k for k in DELETABLE if getattr(args, f"delete_{k}")))
+    plan = clean_plan(root, frozenset(k for k in DELETABLE if getattr(args, f"delete_{k}"))) + _local_plan(args)
     doomed = [path for path, delete, _, _ in plan if delete]
     freed = sum(manifest.dir_size(path) for path in doomed)
     for path, delete, tier, why in plan:
-        _out(f"{'delete' if delete else 'keep':<6}  {path.name}  [{tier}]  ({why})")
+        _out(f"{'delete' if delete else 'keep':<6}  {path if tier == 'local' else path.name}  [{tier}]  ({why})")
     if not doomed:
         _out("nothing to delete")
         return 0
@@ -199,3 +215,18 @@ def clean(args: argparse.Namespace) -> int:
         shutil.rmtree(path)
     _out(f"deleted {len(doomed)} snapshot(s), freed {manifest.human_size(freed)}")
     return 0
+
+
+def _local_plan(args: argparse.Namespace) -> list[tuple[Path, bool, str, str]]:
+    """Node-local tiers of other runs under this run's local base: stale ones (their run directory is gone
+    or uses another tier) deleted, the others named. This run's own tier is kept (a resume starts there)."""
+    from elastictrain.snapshot import localtier
+
+    base, tier_id = localtier.of_run(args.run_dir, args.local_dir)
+    if base is None:
+        return []
+    plan = [(base / tier_id, False, "local", "this run's node-local tier: a resume starts there")] \
+        if tier_id and (base / tier_id).is_dir() else []
+    for path, whose, stale in localtier.other_tiers(base, tier_id):
+        plan.append((path, stale, "local", f"another run's node-local tier, {whose}" + (": stale" if stale else "")))
+    return plan

@@ -141,6 +141,10 @@ class CheckpointConfig:
     """Verify the checksum manifest of a snapshot before restoring it."""
     engine: str = "torchsnapshot"
     """'torchsnapshot' or 'dcp' (torch.distributed.checkpoint)."""
+    local_dir: str = "auto"
+    """Node-local snapshot tier in memory: 'auto' (a per-user directory under /dev/shm when it has room for two generations of this rank's state, else off), 'none' (off), or a directory (e.g. local NVMe)."""
+    local_every_steps: str = "auto"
+    """A node-local snapshot every N optimizer steps: 'auto' (Young/Daly with the local tier's own measured cost), a number, or 0 = off."""
     resume_from: str = ""
     """Snapshot to start this run's lineage from, once (later restarts continue from its newest descendant); empty = the latest complete snapshot in the run directory."""
 
@@ -360,6 +364,11 @@ def validate(cfg: Config) -> list[str]:
         EveryMinutes.parse(cfg.checkpoint.every_minutes)
     except ValueError as e:
         p.append(str(e))
+    local = cfg.checkpoint.local_every_steps
+    if local != "auto" and not (local.isdigit()):
+        p.append(f"--checkpoint.local_every_steps: a number of steps >= 0 or 'auto', got {local!r}")
+    if not cfg.checkpoint.local_dir.strip():
+        p.append("--checkpoint.local_dir: 'auto', 'none' or a directory, got an empty string")
     if not (math.isfinite(cfg.checkpoint.mtbf_hours) and cfg.checkpoint.mtbf_hours > 0):
         p.append(f"--checkpoint.mtbf_hours: must be a number of hours > 0, got {cfg.checkpoint.mtbf_hours}")
     if not -2**63 <= cfg.run.seed < 2**63:  # torch.manual_seed's range

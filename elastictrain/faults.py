@@ -16,6 +16,11 @@ POINT  start    after start-up, before the first step of this process (N is igno
        commit   on the writer thread, right before the commit record of the snapshot at step N
        saved    on the writer thread, right after the snapshot at step N was written (rank 0: committed)
                 (the snapshot points count optimizer steps, so they name mid-epoch snapshots too)
+       copy     right after the durable copy of the local snapshot at step N was handed to the writer
+                process (a sigkill here kills the rank between the local commit and its durable copy;
+                the writer process dies with it)
+       writer   the durable writer process SIGKILLs itself after copying the first file of the snapshot at
+                step N (KIND must be sigkill: the writer alone dies, the rank goes on)
        restore  while restoring (N is ignored; use 0)
        validate at the start of the validation after optimizer step N
 
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang", "stall", "slow")
-POINTS = ("start", "step", "saving", "commit", "saved", "restore", "validate")
+POINTS = ("start", "step", "saving", "commit", "saved", "copy", "writer", "restore", "validate")
 _FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?"
                    r"(?::seconds=(?P<seconds>\d+(?:\.\d+)?))?$")
 
@@ -66,6 +71,20 @@ class FaultInjector:
         self.marker = run_dir / ".faults" / re.sub(r"[^\w.=-]", "_", first)
         self.rank = rank
         self.others = [FaultInjector(s, run_dir, rank) for s in rest.split(",") if s] if rest else []
+
+    def claim(self, point: str, n: int) -> str | None:
+        """The kind of a fault due here that has not fired yet, now marked as fired; None otherwise. (For a
+        fault another process carries out: the durable writer's.)"""
+        kinds = [k for k in (o.claim(point, n) for o in self.others) if k]
+        f = self.fault
+        if f is None or f.point != point or self.rank != f.rank or (point not in ("start", "restore") and n != f.n):
+            return kinds[0] if kinds else None
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return kinds[0] if kinds else None  # already fired in an earlier attempt
+        return f.kind
 
     def maybe_fire(self, point: str, n: int) -> None:
         for other in self.others:

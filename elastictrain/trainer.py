@@ -132,10 +132,11 @@ class Trainer:
         if resumed is None:
             return None
         env = launcher()
-        log.info("resuming from epoch %d step %d (snapshot %s, taken at world size %d, now %d)",
-                 resumed.epoch, resumed.step, resumed.path, resumed.world_size, self.ctx.world_size)
+        log.info("resuming from epoch %d step %d (%ssnapshot %s, taken at world size %d, now %d)",
+                 resumed.epoch, resumed.step, "local " if resumed.tier == "local" else "", resumed.path,
+                 resumed.world_size, self.ctx.world_size)
         return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": self.state.sample_offset,
-                "snapshot": str(resumed.path), "world_size": self.ctx.world_size,
+                "snapshot": str(resumed.path), "tier": resumed.tier, "world_size": self.ctx.world_size,
                 "previous_world_size": resumed.world_size, "attempt": env.torchrun_restarts,
                 "restart_count": env.slurm_restarts,
                 **({"data_changed": self.data_changed} if self.data_changed else {})}
@@ -209,7 +210,7 @@ class Trainer:
                 val = self.validate()
             self.end_epoch(epoch, val)
         with self.progress.phase_of("snapshot"):
-            self.checkpointer.wait()
+            self.checkpointer.finish()  # waits for every snapshot, then removes the local tier
         with self.progress.phase_of("export"):
             self.finish()
         return FINISHED
@@ -225,9 +226,9 @@ class Trainer:
             self.progress.beat()  # progress the watchdog sees; no collective, no store call on this thread
             # The one collective of a step boundary: a preemption signal, a mid-epoch snapshot due by any
             # rank's clock, or a loss that is no longer finite on any rank means every rank acts on it.
-            stop, snapshot, diverged = any_rank_each(self.ctx, self.preemption.requested is not None,
-                                                     self.checkpointer.wants_snapshot(self.state),
-                                                     bool(losses) and not math.isfinite(losses[-1]))
+            stop, snapshot, local, no_room, diverged = any_rank_each(
+                self.ctx, self.preemption.requested is not None, self.checkpointer.wants_snapshot(self.state),
+                *self.checkpointer.wants_local_snapshot(self.state), bool(losses) and not math.isfinite(losses[-1]))
             if diverged:  # before any snapshot of the wrecked weights, a preemption's included
                 self._diverged()
             if stop:
@@ -235,6 +236,9 @@ class Trainer:
             if snapshot:
                 with self.progress.phase_of("snapshot"):
                     self.checkpointer.save_mid_epoch(self.app_state, self.state)
+            elif local:
+                with self.progress.phase_of("snapshot"):
+                    self.checkpointer.save_local(self.app_state, self.state, no_room)
             losses.append(self.train_step(batches))
             self.state.step += 1
             self.state.sample_offset += self.loaders.train_sampler.global_batch

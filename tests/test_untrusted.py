@@ -91,7 +91,7 @@ def rewrite_commit(snapshot: Path, change) -> None:  # noqa: ANN001 - a callable
     path = snapshot / manifest.COMMIT
     record = json.loads(path.read_text())
     change(record)
-    record["record_sha256"] = manifest._record_digest(record)
+    record["record_sha256"] = manifest.record_digest(record)
     path.write_text(json.dumps(record))
 
 

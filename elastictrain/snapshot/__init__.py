@@ -8,8 +8,21 @@ lineage, moving aside), appstate (what a snapshot holds), manifest (the on-disk 
 proof (entry fingerprints), engines + ts_format (torchsnapshot and DCP), interval (the mid-epoch clock).
 """
 
-from elastictrain.snapshot.manager import SnapshotManager
-from elastictrain.snapshot.manifest import Snapshot, SnapshotDamaged
-from elastictrain.snapshot.restorer import ResumeInfo
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ResumeInfo", "Snapshot", "SnapshotDamaged", "SnapshotManager"]
+
+_WHERE = {"SnapshotManager": "manager", "Snapshot": "manifest", "SnapshotDamaged": "manifest", "ResumeInfo": "restorer"}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (PEP 562): the durable writer process (writer.py) imports
+    this package's file-only modules and must not pay for torch."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

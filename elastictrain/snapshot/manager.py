@@ -19,12 +19,22 @@ Layout (RUN_DIR/snapshots/):
 Tiers live in each commit record: 'rolling' (the newest ``checkpoint.keep`` are kept) or 'permanent'
 (every ``checkpoint.permanent_every`` epochs; retention never deletes them). Promotion is decided when
 the snapshot is committed, so no data is ever rewritten.
+
+The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RUN_ID/snapshots), every
+``checkpoint.local_every_steps`` steps, by a second saver on its own process group (its writer thread's
+collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
+local snapshot is committed before the next optimizer step runs, so a kill loses at most one step. A restore
+takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
+one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
+writer process (copier.py, writer.py) instead of the in-process writer thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,11 +43,12 @@ import torch
 from torch import nn
 
 from elastictrain.config import CheckpointConfig
-from elastictrain.dist import DistContext, on_main_together
+from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
 from elastictrain.faults import FaultInjector
 from elastictrain.runlog import METRICS_FILE, read_metrics
-from elastictrain.snapshot import manifest
+from elastictrain.snapshot import localtier, manifest
 from elastictrain.snapshot.appstate import build_app_state
+from elastictrain.snapshot.copier import DurableCopier
 from elastictrain.snapshot.engines import AppState, Engine, build_engine
 from elastictrain.snapshot.interval import SnapshotClock, failure_history
 from elastictrain.snapshot.restorer import Restorer, ResumeInfo
@@ -82,6 +93,9 @@ class SnapshotManager:
         self.engine: Engine = build_engine(cfg.engine)
         self.on_event = on_event
         self.saver = Saver(cfg, ctx, self.root, self.engine, prepare, faults)
+        self.faults = faults
+        self.copier: DurableCopier | None = None
+        """Durable snapshots copied from the local tier by a writer process (set up by restore_latest)."""
         self.restorer = Restorer(cfg, ctx, self.root, self.engine, run_config, faults)
         self.clock = SnapshotClock(cfg.every_steps, cfg.every_minutes, cfg.mtbf_hours)
         self._interval_logged: float | None = None
@@ -92,6 +106,17 @@ class SnapshotManager:
         the lineage is still found once retention has deleted it); ('', '') for none."""
         self.blocked_seconds: list[float] = []
         """Time the training loop spent inside each save call (what async is meant to shrink)."""
+        self.local: Saver | None = None
+        """The local tier's saver (None when the tier is off); set up by restore_latest."""
+        self.local_clock = SnapshotClock(**_local_interval(cfg))
+        self._local_bytes = 0
+        self._room_warned = False
+        self._local_created = False
+
+    @property
+    def durable(self) -> Saver | DurableCopier:
+        """Who writes durable snapshots: the writer process (from the local tier) or the writer thread."""
+        return self.copier if self.copier is not None else self.saver
 
     @staticmethod
     def app_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
@@ -135,11 +160,11 @@ class SnapshotManager:
             self._announce_interval = False
             self._report_interval(state.step, force=True)
         now = time.monotonic()
-        writer_done = self.saver.written
-        self.clock.boundary(now, writing=self.saver.writing)
+        writer_done = self.durable.written
+        self.clock.boundary(now, writing=self.durable.writing)
         if writer_done and self.clock.written() is not None and self.clock.auto:
             self._report_interval(state.step)
-        if self.cfg.mode == "off" or state.step == self.saver.held_step:
+        if self.cfg.mode == "off" or state.step == self.durable.held_step:
             return False
         return self.clock.due(state.step, now)
 
@@ -154,6 +179,14 @@ class SnapshotManager:
             self.clock.add_blocked(waited)
             if self.blocked_seconds:
                 self.blocked_seconds[-1] += waited
+        if self.local is not None and self.local.writing:
+            # Committed before the step changes the state: a kill from here on loses at most this one step.
+            start = time.perf_counter()
+            self.local.wait()
+            self.local_clock.add_blocked(time.perf_counter() - start)
+            self.local_clock.written()
+        if self.copier is not None:
+            self.copier.hand_over()  # a durable snapshot waiting for this local commit goes to the writer
 
     def save_now(self, app_state: AppState, state: TrainState) -> str | None:
         """A snapshot at the current step (preemption), returned once committed: its name, or None when there
@@ -162,7 +195,7 @@ class SnapshotManager:
             log.warning("--checkpoint.mode off: no snapshot is taken; a re-run starts from the latest snapshot "
                         "in %s, if any", self.root)
             return None
-        if state.step == self.saver.held_step:
+        if state.step == self.durable.held_step:
             self.wait()
             return manifest.snapshot_name(state.epoch, state.step)
         return self._save(app_state, state, None, False, background=False, end_of_epoch=state.sample_offset == 0)
@@ -177,7 +210,7 @@ class SnapshotManager:
         start = time.perf_counter()
         record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1],
                   "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss, "is_best": is_best}
-        name = self.saver.take(app_state, state, record, background)
+        name = self.durable.take(app_state, state, record, background)
         blocked = time.perf_counter() - start
         self.blocked_seconds.append(blocked)
         self.clock.started(time.monotonic(), blocked)
@@ -187,23 +220,132 @@ class SnapshotManager:
         """Block until the snapshot in flight (if any) is committed on every rank; a failure on any rank is
         raised on every rank, with the same message."""
         self.saver.wait()
+        if self.copier is not None:
+            self.copier.wait()
+        if self.local is not None:
+            self.local.wait()
 
     def close(self, timeout: float = 30.0) -> None:
         """Give a snapshot in flight ``timeout`` seconds to finish, without any collective (see Saver.close)."""
         self.saver.close(timeout)
+        if self.copier is not None:
+            self.copier.close(timeout)
+        if self.local is not None:
+            self.local.close(timeout)
+
+    # ---------- the local tier ----------
+    def wants_local_snapshot(self, state: TrainState) -> tuple[bool, bool]:
+        """At a step boundary: (is a local snapshot due, would it leave too little memory free), this rank's
+        view; the trainer agrees on both across ranks (any rank short of room skips it everywhere)."""
+        if self.local is None:
+            return False, False
+        now = time.monotonic()
+        self.local_clock.boundary(now, writing=False)  # a local write never outlives its step
+        if state.step in (0, self.local.held_step, self.durable.held_step):
+            return False, False
+        due = self.local_clock.due(state.step, now)
+        return due, due and not localtier.has_room(self.local.root, self._local_bytes)
+
+    def save_local(self, app_state: AppState, state: TrainState, no_room: bool) -> str | None:
+        """A local snapshot at this step boundary, committed before the next optimizer step (see
+        before_optimizer_step); skipped with a warning when some rank's file system is too full."""
+        assert self.local is not None
+        if no_room:
+            if not self._room_warned and self.ctx.is_main:
+                log.warning("local snapshot at step %d skipped: it would leave less than %s free in %s (durable "
+                            "snapshots go on)", state.step, manifest.human_size(localtier.SAFE_MARGIN_BYTES),
+                            self.local.root)
+            self._room_warned = True
+            return None
+        self.saver.wait()  # one writer thread at a time: the durable snapshot in flight first
+        if self.copier is not None:
+            self.copier.before_local_snapshot(lambda: localtier.has_room(self.local.root,  # type: ignore[union-attr]
+                                                                         self._local_bytes))
+        self._create_local()
+        start = time.perf_counter()
+        record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1], "tier": "rolling",
+                  "val_loss": None, "is_best": False,
+                  "where": "local"}
+        name = self.local.take(app_state, state, record, background=True)
+        self.local_clock.started(time.monotonic(), time.perf_counter() - start)
+        return name
+
+    def _create_local(self) -> None:
+        """Before the first local snapshot, every rank: the tier's directories (each node has its own; racing
+        ranks of one node are harmless: exist_ok, renames)."""
+        if self._local_created:
+            return
+        assert self.local is not None
+        error = None
+        try:
+            localtier.create(self.local.root, self.run_dir)
+        except (OSError, RuntimeError) as e:
+            error = e
+        raise_together(self.ctx, error)
+        self._local_created = True
+
+    def finish(self) -> None:
+        """The run finished: wait for every snapshot, then remove this run's local tier (each node's first rank)."""
+        self.wait()
+        if self.local is not None:
+            root, self.local = self.local.root, None
+            all_gather_object(self.ctx, None)  # every rank is done with it
+            if self.ctx.local_rank == 0:
+                localtier.remove_tier(root)
+
+    def _setup_local(self, app_state: AppState) -> None:
+        """Every rank: place the local tier, or agree that it is off and log why once."""
+        why = ("--checkpoint.mode off" if self.cfg.mode == "off" else
+               "--checkpoint.local_every_steps 0" if self.cfg.local_every_steps == "0" else
+               "--checkpoint.local_dir none" if self.cfg.local_dir == "none" else "")
+        placement = localtier.Placement(None, why)
+        if not why:
+            tier_id = on_main_together(self.ctx, lambda: localtier.run_id(self.run_dir))
+            self._local_bytes = state_bytes(app_state)
+            placement = localtier.place(self.cfg.local_dir, self.run_dir, tier_id, self._local_bytes,
+                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            why = next((w for w in all_gather_object(self.ctx, placement.why_off) if w), "")
+            if self.ctx.is_main and placement.root is not None:
+                for tier, whose, _ in localtier.other_tiers(placement.root.parent.parent, tier_id):
+                    log.info("ignoring the local snapshot tier %s (%s); `elastictrain ckpt clean` names it", tier,
+                             whose)
+        if why:
+            if self.ctx.is_main:
+                log.info("local snapshot tier off: %s; snapshots go to the run directory only", why)
+            return
+        assert placement.root is not None
+        ctx = self.ctx
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            ctx = dataclasses.replace(ctx, ckpt_group=dist.new_group(backend="gloo"))
+        self.local = Saver(dataclasses.replace(self.cfg, keep=1, mode="async"), ctx, placement.root, self.engine,
+                           self.saver.prepare, None, log_level=logging.DEBUG)
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size:  # one node: see copier.py
+            self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults)
+        if self.ctx.is_main:
+            log.info("local snapshot tier: %s, %s", placement.root,
+                     f"every {self.local_clock.every_steps} step(s)" if self.local_clock.every_steps else
+                     "interval auto (Young/Daly with its own measured cost)")
 
     # ---------- start-up ----------
     def restore_latest(self, app_state: AppState) -> ResumeInfo | None:
         """Restore the newest snapshot that is complete, intact and of this model; None for a fresh start
         (see Restorer.restore_latest for what fails how). Under ``every_minutes auto`` it also reads the
         failures this run directory has seen."""
-        found = self.restorer.restore_latest(app_state)
-        if self.clock.auto:
+        self._setup_local(app_state)
+        found = self.restorer.restore_latest(app_state, self.local.root if self.local is not None else None)
+        if self.clock.auto or (self.local is not None and self.local_clock.auto):
             self._read_failure_history()
         if found is None:
             return None
         resumed, self._lineage = found
-        self.saver.held_step = resumed.step
+        if resumed.tier == "local":
+            self.local.held_step = resumed.step  # type: ignore[union-attr]
+            if self.copier is not None:
+                self.copier.resume_copy(manifest.read_commit(resumed.path) or {})
+        else:
+            self.durable.held_step = resumed.step
         return resumed
 
     def _read_failure_history(self) -> None:
@@ -216,6 +358,7 @@ class SnapshotManager:
             return failure_history(read_metrics(self.run_dir), ongoing=False)
 
         self.clock.failures, self.clock.hours_observed = on_main_together(self.ctx, read)
+        self.local_clock.failures, self.local_clock.hours_observed = self.clock.failures, self.clock.hours_observed
         self._announce_interval = self.cfg.mode != "off"
 
     def _report_interval(self, step: int, force: bool = False) -> None:
@@ -231,3 +374,22 @@ class SnapshotManager:
                 "interval_s": round(interval, 3), "cost_s": self.clock.cost_s if self.clock.cost_s is not None else -1.0,
                 "mtbf_h": round(self.clock.mtbf_s / 3600, 3), "failures_seen": self.clock.failures,
                 "reason": self.clock.describe()})
+
+
+def _local_interval(cfg: CheckpointConfig) -> dict[str, Any]:
+    """The local tier's clock settings: every N steps, or the automatic interval."""
+    every = cfg.local_every_steps
+    if every == "auto":
+        return {"every_minutes": "auto", "mtbf_hours": cfg.mtbf_hours}
+    return {"every_steps": int(every) if every.isdigit() else 0}
+
+
+def state_bytes(app_state: AppState) -> int:
+    """This rank's snapshot size, estimated before the first step: the model's tensors (its local shards)
+    three times over (AdamW keeps two moments per parameter), plus 1 MiB for the rest."""
+    total = 0
+    for value in app_state["model"].state_dict().values():
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return 3 * total + 2**20

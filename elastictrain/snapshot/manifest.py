@@ -141,12 +141,12 @@ def write_commit(snapshot: Path, info: dict[str, Any]) -> dict[str, Any]:
     fsync_dir(snapshot)
     record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
               "checksum_seconds": round(time.time() - start, 4)}
-    record["record_sha256"] = _record_digest(record)
+    record["record_sha256"] = record_digest(record)
     write_json_atomic(snapshot / COMMIT, record)
     return record
 
 
-def _record_digest(record: dict[str, Any]) -> str:
+def record_digest(record: dict[str, Any]) -> str:
     """SHA-256 of the record itself (all but this field): a changed manifest or entry list is damage too."""
     body = {k: v for k, v in record.items() if k != "record_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -183,7 +183,7 @@ def _load_commit(snapshot: Path) -> tuple[dict[str, Any] | None, str | None]:
     bad = next((rel for rel, entry in record["files"].items() if not _plain_entry(rel, entry)), None)
     if bad is not None:
         return None, f"{path}: lists {bad!r}, not a file inside the snapshot with a size and a checksum"
-    if "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+    if "record_sha256" in record and record["record_sha256"] != record_digest(record):
         return None, f"{path}: checksum mismatch (the commit record was changed after it was written)"
     if record.get("format", 1) >= 2 and "record_sha256" not in record:
         return None, f"{path}: no checksum of its own (the commit record was changed after it was written)"
@@ -319,6 +319,24 @@ def retention_victims(snapshots: list[Snapshot], keep: int, best: str | None) ->
     :func:`list_snapshots`); permanent ones, ``best`` and incomplete ones are never victims."""
     rolling = [s for s in snapshots if s.complete and s.commit["tier"] == "rolling"]  # type: ignore[index]
     return [s for s in rolling[keep:] if s.name != best]
+
+
+def apply_retention(root: Path, keep: int, pinned: str = "") -> list[str]:
+    """Point BEST.json at the best snapshot (from the commit records), then delete rolling snapshots beyond
+    ``keep`` (never ``pinned``: a local snapshot the durable writer is copying); the names deleted.
+    Snapshots newer than the one just committed belong to an abandoned branch."""
+    import shutil
+
+    snapshots = list_snapshots(root)
+    best = best_snapshot(snapshots)
+    if best is not None and (read_best(root) or {}).get("name") != best.name:
+        write_json_atomic(root / BEST, {"name": best.name, "val_loss": best.commit["val_loss"]})  # type: ignore[index]
+    removed = []
+    for victim in retention_victims(snapshots, keep, best.name if best else None):
+        if victim.name != pinned:
+            shutil.rmtree(victim.path, ignore_errors=True)
+            removed.append(victim.name)
+    return removed
 
 
 def aside_dirs(root: Path) -> list[tuple[Path, str]]:

@@ -18,7 +18,7 @@ from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
-from elastictrain.snapshot import discovery, manifest, proof
+from elastictrain.snapshot import discovery, localtier, manifest, proof
 from elastictrain.snapshot.appstate import JsonState
 from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, ForeignContentError, build_engine
 from elastictrain.snapshot.manifest import Snapshot, SnapshotDamaged
@@ -39,6 +39,8 @@ class ResumeInfo:
     """World size when the snapshot was taken."""
     config: dict[str, Any]
     """The config stored in the snapshot."""
+    tier: str = "durable"
+    """'local' (node-local memory) or 'durable' (the run directory)."""
 
 
 def model_changes(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -59,8 +61,11 @@ class Restorer:
         self.run_config = run_config
         self.faults = faults
 
-    def restore_latest(self, app_state: AppState) -> tuple[ResumeInfo, discovery.Lineage] | None:
+    def restore_latest(self, app_state: AppState,
+                       local_root: Path | None = None) -> tuple[ResumeInfo, discovery.Lineage] | None:
         """The restored snapshot's ResumeInfo and lineage (see discovery.Choice); None for a fresh start.
+        With ``local_root``, a local snapshot that every rank can read is taken when it is as new as the
+        durable one or newer.
 
         A snapshot that fails verification or whose restore cannot be proven complete is moved aside as
         damaged and the previous one is tried. Raises UserError (every rank) for a changed model or a bad
@@ -70,6 +75,9 @@ class Restorer:
         while True:
             found = on_main_together(self.ctx, lambda: discovery.choose(self.root, self.cfg.resume_from,
                                                                         self.cfg.verify))
+            local = self._agreed_local(local_root, found) if local_root is not None else None
+            if local is not None:
+                found = (local, discovery.lineage(local.commit))  # type: ignore[arg-type]
             if found is None:
                 if touched:
                     raise RuntimeError(f"no snapshot in {self.root} could be restored (the last tried: {touched}); "
@@ -79,12 +87,27 @@ class Restorer:
                 return None
             snap, lineage = found
             try:
-                return self._restore(snap, app_state), lineage
+                resumed = self._restore(snap, app_state)
+                resumed.tier = "local" if local is not None else "durable"
+                return resumed, lineage
             except SnapshotDamaged as e:
                 if self.cfg.resume_from and snap.path.resolve() == Path(self.cfg.resume_from).resolve():
                     raise UserError(f"--checkpoint.resume_from: {snap.path}: {e}") from None  # the user's: not moved
                 touched, reason = str(snap.path), str(e)
                 on_main_together(self.ctx, lambda: discovery.move_aside(snap.path, "damaged", reason))
+
+    def _agreed_local(self, root: Path, durable: discovery.Choice | None) -> Snapshot | None:
+        """The newest local snapshot that every rank sees complete, if it is at least as new as the durable
+        choice and (under ``--checkpoint.resume_from``) of the same lineage; else None."""
+        on_main_together(self.ctx, lambda: localtier.remove_incomplete(root))
+        views = all_gather_object(self.ctx, localtier.complete_ids(root))
+        snap = localtier.agreed_newest(root, views)
+        if snap is None or (durable is not None and durable[0].order > snap.order):
+            return None
+        if self.cfg.resume_from and (durable is None or
+                                     snap.commit.get("branch_from") != durable[1][0]):  # type: ignore[union-attr]
+            return None
+        return snap
 
     def _restore(self, snap: Snapshot, app_state: AppState) -> ResumeInfo:
         """Every rank: read the TrainState alone, refuse another model, read everything, prove the read;

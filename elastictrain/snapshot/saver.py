@@ -20,7 +20,7 @@ from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
-from elastictrain.osutil import has_errno, write_json_atomic
+from elastictrain.osutil import has_errno
 from elastictrain.snapshot import manifest, proof
 from elastictrain.snapshot.engines import AppState, Engine, StateDicts
 from elastictrain.snapshot.manifest import Snapshot
@@ -37,8 +37,11 @@ class Saver:
     """
 
     def __init__(self, cfg: CheckpointConfig, ctx: DistContext, root: Path, engine: Engine,
-                 prepare: Callable[[], None] | None, faults: FaultInjector | None) -> None:
+                 prepare: Callable[[], None] | None, faults: FaultInjector | None,
+                 log_level: int = logging.INFO) -> None:
         self.cfg, self.ctx, self.root, self.engine = cfg, ctx, root, engine
+        self.log_level = log_level
+        """Of the commit and retention lines (the local tier commits every few steps: DEBUG)."""
         self.prepare = prepare
         self.faults = faults
         self.held_step = -1
@@ -48,6 +51,8 @@ class Saver:
         self._writer: threading.Thread | None = None
         self._writing = ""
         self._error: BaseException | None = None
+        self.pinned = ""
+        """A snapshot retention must keep for now (the local tier's, while the durable writer copies it)."""
 
     @property
     def writing(self) -> bool:
@@ -149,7 +154,7 @@ class Saver:
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
                 record = manifest.write_commit(path, {**info, "rank_steps": steps,
                                                       "entries": proof.combine(complete, partials)})
-                log.info("snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
+                log.log(self.log_level, "snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
                          len(record["files"]), manifest.human_size(Snapshot(path, record).size),
                          record["checksum_seconds"])
                 self._apply_retention()
@@ -174,16 +179,9 @@ class Saver:
                          "--checkpoint.keep) and start again")
 
     def _apply_retention(self) -> None:
-        """Point BEST.json at the best snapshot (from the commit records), then delete rolling snapshots
-        beyond ``keep``. Snapshots newer than the one just committed belong to an abandoned branch."""
-        snapshots = manifest.list_snapshots(self.root)
-        best = manifest.best_snapshot(snapshots)
-        if best is not None and (manifest.read_best(self.root) or {}).get("name") != best.name:
-            write_json_atomic(self.root / manifest.BEST, {"name": best.name,
-                                                          "val_loss": best.commit["val_loss"]})  # type: ignore[index]
-        for victim in manifest.retention_victims(snapshots, self.cfg.keep, best.name if best else None):
-            shutil.rmtree(victim.path, ignore_errors=True)
-            log.info("retention: removed rolling snapshot %s", victim.name)
+        """BEST.json and retention (manifest.apply_retention), never deleting the pinned snapshot."""
+        for name in manifest.apply_retention(self.root, self.cfg.keep, self.pinned):
+            log.log(self.log_level, "retention: removed rolling snapshot %s", name)
 
     def wait(self) -> None:
         """Block until the snapshot in flight (if any) is committed on every rank; a failure on any rank is

@@ -1,0 +1,192 @@
+"""Durable snapshots made from the local tier by a separate process (writer.py), not by a thread of the
+training process: at a durable boundary the state goes to the local tier as usual (staging, an engine write
+to memory, the commit), and once that local snapshot is committed, rank 0's writer process copies it into
+RUN_DIR/snapshots, verifying every byte against the local commit record, and commits it there.
+
+What the training process still does for a durable snapshot is what a local one costs; the copy, its fsyncs
+and hashing run in the writer at low priority. Used where one node holds every rank (the local snapshot
+directory then holds every rank's files, and rank 0's local commit record lists them all); elsewhere (no
+local tier, several nodes) the in-process writer thread of saver.py writes durable snapshots.
+
+Memory: the local snapshot being copied is pinned (retention keeps it), so while a copy runs the tier may
+hold a third generation, when the file system has room for it (else the local snapshot waits for the copy). A writer that died (killed alone, out of memory)
+loses that durable snapshot only: its debris is removed, a new writer takes the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from elastictrain.dist import DistContext, on_main_together, raise_together
+from elastictrain.errors import UserError
+from elastictrain.faults import FaultInjector
+from elastictrain.snapshot import manifest
+from elastictrain.snapshot.engines import AppState
+from elastictrain.snapshot.saver import Saver
+from elastictrain.snapshot.writer import WriterProcess
+from elastictrain.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class DurableCopier:
+    """The durable tier's saver when the local tier is on (see the module doc); the same interface as Saver
+    where the manager uses it (take, wait, writing, written, held_step, close).
+
+    Args:
+        keep: ``checkpoint.keep`` of the durable tier (retention runs in the writer, after its commit).
+        ensure_local: creates the local tier before its first snapshot (the manager's, collective).
+    """
+
+    def __init__(self, ctx: DistContext, root: Path, keep: int, local: Saver, ensure_local: Callable[[], None],
+                 faults: FaultInjector | None) -> None:
+        self.ctx, self.root, self.keep, self.local = ctx, root, keep, local
+        self.ensure_local = ensure_local
+        self.faults = faults
+        self.held_step = -1
+        self._pending: dict[str, Any] | None = None
+        """The durable snapshot whose local snapshot is not committed yet: handed over once it is."""
+        self._copying = ""
+        """Name of the snapshot handed to the writer and not yet waited for ('' for none), on every rank."""
+        self._deaths = 0
+        """Writers that died on consecutive jobs (one is a warning, two an error)."""
+        self._writer = WriterProcess() if ctx.is_main else None
+        if self._writer is not None:
+            self._writer.start()  # now, on the main thread (see WriterProcess.start), and off the first save
+
+    @property
+    def writing(self) -> bool:
+        return self._pending is not None or bool(self._copying)
+
+    @property
+    def written(self) -> bool:
+        """Handed over and copied (other ranks have nothing to wait for once it is handed over)."""
+        return bool(self._copying) and (self._writer is None or not self._writer.busy)
+
+    def take(self, app_state: AppState, state: TrainState, record: dict[str, Any], background: bool) -> str:
+        """A durable snapshot of ``state``: the local snapshot of this step (taken now unless there is one),
+        copied once it is committed; returns its name (once copied, unless ``background``)."""
+        self.wait()
+        name = manifest.snapshot_name(state.epoch, state.step)
+        if self.local.held_step != state.step:
+            self.ensure_local()
+            # The durable record rides along: a rank killed before the copy finds it in what it restores.
+            self.local.take(app_state, state, {**record, "tier": "rolling", "val_loss": None, "is_best": False,
+                                               "where": "local", "durable": record}, background=True)
+        self._pending = {"name": name, "step": state.step, "record": record, "started_at": time.time()}
+        self.held_step = state.step
+        if self.faults:
+            self.faults.maybe_fire("saving", state.step)
+        if not background:
+            self.wait()
+        return name
+
+    def resume_copy(self, commit: dict[str, Any]) -> None:
+        """After a restore from the local tier: a local snapshot that was to become durable and has no durable
+        copy yet (the rank was killed between the two) is copied now."""
+        name, record = commit.get("name"), commit.get("durable")
+        if not isinstance(record, dict) or not isinstance(name, str):
+            return
+        if on_main_together(self.ctx, lambda: manifest.read_commit(self.root / name) is not None):
+            return
+        if self.ctx.is_main:
+            log.info("snapshot %s: making the durable copy the last attempt did not finish", name)
+        self._pending = {"name": name, "step": commit["step"], "record": record, "started_at": time.time()}
+        self.held_step = commit["step"]
+        self.hand_over()
+
+    def before_local_snapshot(self, room_for_another: Callable[[], bool]) -> None:
+        """Every rank, before a local snapshot: a copy that has finished is collected (its pinned local
+        snapshot goes). One still running makes this a third generation in memory (the one being copied, the
+        newest, this one): allowed while ``room_for_another`` (rank 0's file system keeps its safe margin),
+        else this local snapshot waits for the copy. (Waiting always cost a step's worth of blocked loop per
+        durable snapshot here: the copy takes about two steps.)"""
+        if not self._copying or self.local.held_step <= manifest.parse_name(self._copying)[1]:
+            return
+        busy = self._writer is not None and self._writer.busy
+        if on_main_together(self.ctx, lambda: not busy or not room_for_another()):
+            self.wait()
+
+    def hand_over(self) -> None:
+        """After the local snapshot of the pending step is committed (every rank): rank 0 gives the writer
+        the job. Called right after the local tier's wait."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        assert self.local.held_step == pending["step"], (self.local.held_step, pending)
+        self._copying = pending["name"]
+        if self._writer is not None:
+            src = self.local.root / pending["name"]
+            local = manifest.read_commit(src)
+            assert local is not None, f"{src}: the local snapshot to copy is not committed"
+            record = {k: v for k, v in local.items() if k not in ("record_sha256", "where", "durable")}
+            record.update(pending["record"], started_at=pending["started_at"], copied_from="local")
+            fault = self.faults.claim("writer", pending["step"]) if self.faults else None
+            self.local.pinned = pending["name"]
+            self._writer.submit({"src": str(src), "dst": str(self.root / pending["name"]), "record": record,
+                                 "keep": self.keep, "fault": fault})
+        if self.faults:
+            self.faults.maybe_fire("copy", pending["step"])
+
+    def wait(self) -> None:
+        """Block until the durable snapshot in flight (if any) is committed; its failure is raised on every
+        rank (a full disk as the user's error); a writer that died loses this snapshot only (a warning)."""
+        if self._pending is not None:
+            self.local.wait()
+            self.hand_over()
+        if not self._copying:
+            return
+        name, self._copying = self._copying, ""
+        error: BaseException | None = None
+        if self._writer is not None:
+            answer = self._writer.collect() or {"ok": False, "error": "no answer"}
+            self.local.pinned = ""
+            self._deaths = self._deaths + 1 if answer.get("died") else 0
+            if self._deaths >= 2:  # not a stray kill: without durable snapshots the run must not go on silently
+                self._remove_debris(self.root / name)
+                error = RuntimeError(f"snapshot {self.root / name} failed: {answer['error']}, the second writer "
+                                     f"in a row")
+            elif answer.get("died"):
+                log.warning("durable snapshot %s not written: %s; it stays incomplete (removed), a new writer "
+                            "process takes the next one", name, answer["error"])
+                self._remove_debris(self.root / name)
+            elif not answer["ok"]:
+                error = self._failure(name, answer)
+            else:
+                log.info("snapshot %s committed (copied from the local tier by the writer process in %.2fs)",
+                         name, answer["seconds"])
+                for removed in answer["removed"]:
+                    log.info("retention: removed rolling snapshot %s", removed)
+            # The copy is done: the older local snapshot it kept from retention goes now (two generations).
+            manifest.apply_retention(self.local.root, 1)
+        raise_together(self.ctx, error)
+        if self.faults:
+            self.faults.maybe_fire("saved", manifest.parse_name(name)[1])
+
+    def _failure(self, name: str, answer: dict[str, Any]) -> BaseException:
+        self._remove_debris(self.root / name)
+        if answer.get("enospc"):
+            free = shutil.disk_usage(self.root).free
+            return UserError(f"snapshot {self.root / name}: no space left on device ({manifest.human_size(free)} "
+                             f"free in {self.root}); the incomplete snapshot is removed, earlier snapshots are kept. "
+                             "Free space there (or lower --checkpoint.keep) and start again")
+        return RuntimeError(f"snapshot {self.root / name} failed: {answer['error']}")
+
+    @staticmethod
+    def _remove_debris(path: Path) -> None:
+        if manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Give a copy in flight ``timeout`` seconds (no collective: close also runs when the run fails); an
+        unfinished copy is never committed (the writer is killed, its debris has no commit record)."""
+        if self._writer is None:
+            return
+        if self._copying and self._writer.collect(timeout) is None and self._writer.busy:
+            log.warning("snapshot %s still being copied at exit; it stays incomplete", self._copying)
+        self._writer.stop(timeout=1.0 if self._writer.busy else timeout)
+        self._writer = None

@@ -1,0 +1,198 @@
+"""The durable writer: a separate process that makes the durable copy of a committed local snapshot.
+
+The training process (rank 0) starts it once (:class:`WriterProcess`) and hands it one job at a time, a JSON
+line on its stdin: copy local snapshot SRC to DST in the run directory with the commit record RECORD. The
+writer copies every file the local commit record lists, hashing the bytes it writes and comparing them with
+the local record's SHA-256 (the same bytes, or an error naming the file), fsyncs each file and the
+directories, then writes COMMIT.json last (temp file, fsync, rename), then BEST.json and retention, exactly
+as an in-process commit does. A kill at any moment leaves DST without a commit record: incomplete, never
+complete-looking. It answers with one JSON line on its stdout.
+
+It runs at the lowest CPU priority (nice 19) and idle I/O priority, so training steps come first, and dies
+with its rank: Linux's parent-death signal SIGKILLs it when the rank dies, and it exits when its stdin
+closes. It imports no torch (the package's ``__init__`` is lazy): it starts in a fraction of a second and
+holds no model memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from elastictrain.osutil import fsync_dir, write_json_atomic
+from elastictrain.snapshot import manifest
+
+_CHUNK = 8 * 2**20
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+"""ioprio_set's syscall number (glibc has no wrapper)."""
+_IOPRIO_IDLE = 3 << 13  # IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
+_PR_SET_PDEATHSIG = 1
+
+
+def lower_priority() -> None:
+    """Lowest CPU priority, idle I/O class where the kernel offers it (Linux); CPU only elsewhere."""
+    os.nice(19)
+    number = _IOPRIO_SET.get(platform.machine())
+    if sys.platform == "linux" and number is not None:
+        ctypes.CDLL(None, use_errno=True).syscall(number, 1, 0, _IOPRIO_IDLE)  # IOPRIO_WHO_PROCESS, self
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent (the rank) dies; exit at once if it already has."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def copy_verified(src: Path, dst: Path, size: int, sha256: str) -> None:
+    """Copy one file, hashing the bytes as they are written; fsync it. Raise ValueError naming SRC when its
+    bytes are not the committed ones."""
+    digest = hashlib.sha256()
+    written = 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+            written += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    if written != size or digest.hexdigest() != sha256:
+        raise ValueError(f"{src}: {written} bytes, not the {size} committed, or their checksum differs "
+                         f"(the local snapshot changed after its commit); not copied")
+
+
+def clear_target(dst: Path) -> None:
+    """Room for DST: debris of a cut-off copy is removed; a complete or damaged snapshot of that name (an
+    abandoned branch) is moved aside, never deleted."""
+    if not dst.exists():
+        return
+    if manifest.read_commit(dst) is None and manifest.commit_problem(dst) is None:
+        shutil.rmtree(dst)
+    else:
+        dst.rename(dst.with_name(f"{dst.name}.superseded-{int(time.time())}"))
+
+
+def copy_snapshot(job: dict[str, Any]) -> dict[str, Any]:
+    """Do one job (see the module doc); the answer: {"ok": true, "removed": [...]} or {"ok": false, "error":
+    one line, "enospc": bool}."""
+    src, dst, record = Path(job["src"]), Path(job["dst"]), dict(job["record"])
+    start = time.time()
+    try:
+        clear_target(dst)
+        dst.mkdir(parents=True)
+        for i, (rel, entry) in enumerate(sorted(record["files"].items(), key=lambda e: -e[1]["size"])):
+            copy_verified(src / rel, dst / rel, entry["size"], entry["sha256"])
+            if i == 0 and job.get("fault") == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)  # test-only: --debug.fault sigkill@writer=N
+        for folder in sorted({(dst / rel).parent for rel in record["files"]}, key=lambda p: -len(p.parts)):
+            fsync_dir(folder)
+        record.update(committed_at=time.time(), checksum_seconds=round(time.time() - start, 4),
+                      write_seconds=round(time.time() - record["started_at"], 4))
+        record["record_sha256"] = manifest.record_digest(record)
+        write_json_atomic(dst / manifest.COMMIT, record)  # last: from here on the snapshot is complete
+        return {"ok": True, "seconds": round(time.time() - start, 4),
+                "removed": manifest.apply_retention(dst.parent, job["keep"])}
+    except (OSError, ValueError, KeyError) as e:
+        enospc = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "enospc": enospc}
+
+
+def main() -> None:
+    """``python -m elastictrain.snapshot.writer PARENT_PID``: one job a line until stdin closes."""
+    die_with_parent(int(sys.argv[1]))
+    lower_priority()
+    for line in sys.stdin:
+        answer = copy_snapshot(json.loads(line))
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+class WriterProcess:
+    """The training process's handle on its writer: start it, hand it a job, collect the answer on a thread
+    of its own (which only waits on a pipe), and notice when it died."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self._thread: threading.Thread | None = None
+        self.answer: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        """Start the process (on the training process's main thread: Linux sends the parent-death signal
+        when the thread that started it ends)."""
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
+                                                              if p)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "elastictrain.snapshot.writer", str(os.getpid())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     close_fds=True)
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: dict[str, Any]) -> None:
+        """Hand over one job (the previous one must have been collected)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self.answer = None
+        self._thread = threading.Thread(target=self._exchange, args=(job,), name="durable-writer", daemon=True)
+        self._thread.start()
+
+    def _exchange(self, job: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            self.answer = json.loads(line) if line else None
+        except (OSError, ValueError):
+            self.answer = None
+        if self.answer is None:  # the writer died (killed, out of memory): say how
+            code = self.proc.wait()
+            self.answer = {"ok": False, "died": True, "error": f"the durable writer process died "
+                                                               f"({_how(code)})"}
+
+    def collect(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait for the answer to the job in flight; None when there is none (or still none at ``timeout``)."""
+        if self._thread is None:
+            return None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return None
+        self._thread = None
+        return self.answer
+
+    def stop(self, timeout: float) -> None:
+        """Close its stdin (it exits after the job in flight) and wait ``timeout`` seconds, then kill it."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def _how(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The node-local snapshot tier (issue 21): snapshots in /dev/shm every N steps, committed before the next
+optimizer step, restored when every rank can read them; bounded, private, removed at the end of the run;
+off (one log line) where there is no room; another run's local tier is never read."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from elastic_util import kill_tree
+from elastictrain.snapshot import localtier, manifest
+from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, load_final, read_jsonl, run_cli, tiny_args,
+                     wait_for)
+
+ENGINES = ["torchsnapshot", "dcp"]
+STEPS_PER_EPOCH = 4  # configs/tiny.yaml: 32 samples, batch 8
+
+
+@pytest.fixture
+def shm_base() -> Iterator[Path]:
+    """A local_dir of this test's own under /dev/shm (the default base is shared by every run of this user)."""
+    base = Path("/dev/shm") / f"et-test-{uuid.uuid4().hex[:8]}"
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def local_args(run_dir: Path, base: Path, *extra: str) -> list[str]:
+    return tiny_args(run_dir, "--checkpoint.local_every_steps", "1", "--checkpoint.local_dir", str(base), *extra)
+
+
+def resume_event(run_dir: Path) -> dict:
+    return [r for r in read_jsonl(run_dir) if r.get("event") == "resume"][-1]
+
+
+def local_snapshots(base: Path) -> list[Path]:
+    return [p for p in base.glob("*/snapshots/*") if manifest.is_snapshot_name(p.name)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_process_killed_at_a_random_step_resumes_from_the_local_tier(reference_runs: dict[int, Path],
+                                                                        tmp_path: Path, shm_base: Path,
+                                                                        engine: str) -> None:
+    """SIGKILL right after a random optimizer step N (not the first of an epoch, whose predecessor is a
+    durable epoch-end snapshot): the same command resumes from the local snapshot of step N-1, bitwise."""
+    run_dir = tmp_path / "run"
+    killed_at = random.choice([2, 3, 6, 7, 10, 11])
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine)
+    assert run_cli([*args, "--debug.fault", f"sigkill@step={killed_at}"]).returncode != 0
+    # The fault fires before step N is logged: the log's last step is N-1, the local snapshot's too.
+    assert max(r["step"] for r in read_jsonl(run_dir) if r["kind"] == "train") == killed_at - 1
+    kept = local_snapshots(shm_base)
+    assert 1 <= len(kept) <= 2, kept  # two generations at most
+    assert (shm_base.stat().st_mode & 0o777) == 0o700
+    listing = run_cli(["ckpt", "list", str(run_dir)], check=True).stdout
+    epoch = (killed_at - 1) // STEPS_PER_EPOCH
+    assert "local tier " in listing and manifest.snapshot_name(epoch, killed_at - 1) in listing, listing
+    out = run_cli(args, check=True).stdout
+    assert f"resuming from epoch {epoch} step {killed_at - 1} (local snapshot {shm_base}" in out
+    event = resume_event(run_dir)
+    assert event["tier"] == "local" and event["step"] == killed_at - 1  # one step redone
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+    assert local_snapshots(shm_base) == [] and list(shm_base.iterdir()) == []  # removed at the end of the run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_ranks_killed_whole_at_a_random_step_resume_from_the_local_tier(reference_runs: dict[int, Path],
+                                                                           tmp_path: Path, shm_base: Path,
+                                                                           engine: str) -> None:
+    """The whole torchrun job SIGKILLed (agent and both workers) once a random step was logged: the same
+    command resumes at most one step before the last step logged, from the local tier, and ends bitwise."""
+    run_dir = tmp_path / "run"
+    target = random.choice([2, 6, 10])
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine)
+    proc = subprocess.Popen(cli_cmd(args, nproc=2), cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def logged() -> bool:
+        return any(r["kind"] == "train" and r["step"] >= target for r in read_jsonl(run_dir))
+
+    try:
+        wait_for(logged, 240, f"step {target} logged")
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(30)
+    killed_at = max(r["step"] for r in read_jsonl(run_dir) if r["kind"] == "train")
+    print(f"target step {target}, killed after step {killed_at}")
+    assert len(local_snapshots(shm_base)) <= 2
+    out = run_cli(args, nproc=2, check=True).stdout
+    event = resume_event(run_dir)
+    assert event["step"] >= killed_at - 1, (event, killed_at)
+    # The step before an epoch's first is the durable epoch-end snapshot's (no local copy of the same step).
+    assert event["tier"] == ("durable" if event["step"] % STEPS_PER_EPOCH == 0 else "local"), event
+    if event["tier"] == "local":
+        assert f"(local snapshot {shm_base}" in out
+    assert_bitwise_equal(load_final(reference_runs[2]), load_final(run_dir))
+    assert local_snapshots(shm_base) == []
+
+
+@pytest.mark.slow
+def test_local_dir_on_a_tiny_tmpfs_warns_and_continues_durable_only(reference_runs: dict[int, Path],
+                                                                    tmp_path: Path) -> None:
+    """A 1 MB tmpfs cannot hold two generations of the state: one log line says why, the run goes on with the
+    durable tier alone, is killed, resumes from the durable tier, and ends exact."""
+    tiny_fs = tmp_path / "tmpfs"
+    tiny_fs.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(tiny_fs)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        run_dir = tmp_path / "run"
+        args = local_args(run_dir, tiny_fs)
+        first = run_cli([*args, "--debug.fault", "sigkill@saved=4"])  # right after the durable epoch-end commit
+        assert first.returncode != 0
+        off = [line for line in first.stdout.splitlines() if "local snapshot tier off" in line]
+        assert len(off) == 1 and f"{tiny_fs} has" in off[0] and "free" in off[0], first.stdout[-3000:]
+        out = run_cli(args, check=True).stdout
+        assert "local snapshot tier off" in out
+        event = resume_event(run_dir)
+        assert event["tier"] == "durable" and event["step"] == 4
+        assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+    finally:
+        subprocess.run(["umount", str(tiny_fs)], check=False)
+
+
+@pytest.mark.slow
+def test_a_stale_local_tier_of_another_run_is_ignored_and_named_by_ckpt_clean(reference_runs: dict[int, Path],
+                                                                             tmp_path: Path, shm_base: Path) -> None:
+    """Run A is killed with a local snapshot; its run directory is deleted and a new run is started at the
+    same path with the same local_dir: it never reads A's snapshot (fresh start, exact), says so, and
+    ``ckpt clean`` names A's tier as stale and deletes it with --yes."""
+    run_dir = tmp_path / "run"
+    args = local_args(run_dir, shm_base)
+    assert run_cli([*args, "--debug.fault", "sigkill@step=7"]).returncode != 0
+    (stale,) = [p for p in shm_base.iterdir()]
+    assert local_snapshots(shm_base)
+    shutil.rmtree(run_dir)
+    out = run_cli([*args, "--debug.fault", "sigkill@step=3"]).stdout
+    assert f"ignoring the local snapshot tier {stale}" in out
+    assert not [r for r in read_jsonl(run_dir) if r.get("event") == "resume"]  # a fresh start, not step 6
+    plan = run_cli(["ckpt", "clean", str(run_dir)], check=True).stdout
+    assert f"delete  {stale}  [local]" in plan and "stale" in plan, plan
+    assert stale.exists()  # a dry run
+    mine = localtier.of_run(run_dir)[1]
+    assert f"keep    {shm_base / mine}  [local]" in plan, plan
+    run_cli(["ckpt", "clean", str(run_dir), "--yes"], check=True)
+    assert not stale.exists() and (shm_base / mine).exists()
+    out = run_cli(args, check=True).stdout
+    assert resume_event(run_dir)["tier"] == "local"
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+def test_local_tier_settings_are_validated_and_off_explained(tmp_path: Path) -> None:
+    from elastictrain.config import load_config
+
+    with pytest.raises(ValueError, match="--checkpoint.local_every_steps"):
+        load_config(["--checkpoint.local_every_steps", "-1"])
+    assert localtier.base_dir("none") == (None, "--checkpoint.local_dir none")
+    assert localtier.base_dir(str(tmp_path)) == (tmp_path, "")
+    placed = localtier.place(str(tmp_path / "base"), tmp_path / "run", "abc", 2**50, 1)
+    assert placed.root is None and "free, less than two generations" in placed.why_off
+    placed = localtier.place(str(tmp_path / "base"), tmp_path / "run", "abc", 1000, 1)
+    assert placed.root == tmp_path / "base" / "abc" / "snapshots" and not (tmp_path / "base").exists()
+    localtier.create(placed.root, tmp_path / "run")  # at the first local snapshot
+    assert (tmp_path / "base").stat().st_mode & 0o777 == 0o700
+    # The same tier id claimed by another run directory (a copied run dir) is not this run's.
+    other = localtier.place(str(tmp_path / "base"), tmp_path / "copy", "abc", 1000, 1)
+    assert other.root is None and "belongs to run directory" in other.why_off
+
+
+def durable_snapshots(run_dir: Path) -> list[manifest.Snapshot]:
+    return manifest.list_snapshots(run_dir / "snapshots")
+
+
+def assert_no_false_complete(run_dir: Path) -> None:
+    """Every durable snapshot that looks complete (has its commit record) is: its files are the committed ones."""
+    for snap in durable_snapshots(run_dir):
+        assert not snap.damaged, snap.problem
+        if snap.complete:
+            assert snap.verify() is None, (snap.name, snap.verify())
+
+
+def orphan_writers() -> list[str]:
+    """Durable writer processes whose rank (the pid on their command line) is gone."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"elastictrain.snapshot.writer" in argv and not Path(f"/proc/{argv[-2].decode()}").exists():
+            found.append(proc.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_kill_between_the_local_commit_and_its_durable_copy(reference_runs: dict[int, Path], tmp_path: Path,
+                                                              shm_base: Path, engine: str) -> None:
+    """The rank is SIGKILLed right after it handed the committed local snapshot of the epoch end (step 4) to
+    its writer process: the writer dies with it, no durable snapshot looks complete that is not, the same
+    command resumes from the local tier, makes the durable copy that was cut off, and ends bitwise."""
+    run_dir = tmp_path / "run"
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine)
+    assert run_cli([*args, "--debug.fault", "sigkill@copy=4"]).returncode != 0
+    wait_for(lambda: not orphan_writers(), 10, "the writer process dies with its rank")
+    assert_no_false_complete(run_dir)
+    # The writer may have finished the copy in the moment before the kill reached it; usually it had not.
+    copied = [s.name for s in durable_snapshots(run_dir) if s.complete] == ["epoch00001-step00000004"]
+    out = run_cli(args, check=True).stdout
+    event = resume_event(run_dir)
+    assert event["tier"] == "local" and event["step"] == 4, event
+    if not copied:
+        assert "epoch00001-step00000004: making the durable copy the last attempt did not finish" in out
+        assert "epoch00001-step00000004 committed (copied from the local tier" in out
+    assert_no_false_complete(run_dir)
+    assert [s.name for s in durable_snapshots(run_dir) if s.complete] == ["epoch00003-step00000012",
+                                                                            "epoch00002-step00000008"]
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_writer_process_killed_alone(reference_runs: dict[int, Path], tmp_path: Path, shm_base: Path,
+                                         engine: str) -> None:
+    """The writer SIGKILLs itself mid-copy of step 4's durable snapshot: the run goes on (one warning), the
+    cut-off copy never looks complete, the next durable snapshot (step 8) is written by a new writer. The
+    rank is then killed as the durable snapshot of step 12 starts (after the copy of step 8 was collected:
+    one durable snapshot in flight at most) and the node's memory lost (the local tier deleted): the same command
+    restores the copied durable snapshot of step 8 and ends bitwise."""
+    run_dir = tmp_path / "run"
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine)
+    first = run_cli([*args, "--debug.fault", "sigkill@writer=4,sigkill@saving=12"])
+    assert first.returncode != 0
+    assert "durable snapshot epoch00001-step00000004 not written: the durable writer process died (signal " \
+           "SIGKILL)" in first.stdout, first.stdout[-3000:]
+    assert "epoch00002-step00000008 committed (copied from the local tier" in first.stdout
+    assert_no_false_complete(run_dir)
+    assert [s.name for s in durable_snapshots(run_dir)] == ["epoch00002-step00000008"]
+    shutil.rmtree(shm_base)
+    run_cli(args, check=True)
+    event = resume_event(run_dir)
+    assert event["tier"] == "durable" and event["step"] == 8, event
+    assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+def test_the_writer_copies_only_the_committed_bytes(tmp_path: Path) -> None:
+    """The writer's copy: the same bytes, checked against the local commit record, the commit record last;
+    a local file changed after its commit is one error line naming it, and leaves nothing complete-looking."""
+    from elastictrain.snapshot import writer
+
+    src = tmp_path / "local" / manifest.snapshot_name(1, 4)
+    (src / "0").mkdir(parents=True)
+    (src / ".snapshot_metadata").write_text("{}")
+    (src / "0" / "model").write_bytes(os.urandom(3 * 2**20 + 5))
+    local = manifest.write_commit(src, {"name": src.name, "epoch": 1, "step": 4, "engine": "torchsnapshot",
+                                        "tier": "rolling", "where": "local", "started_at": 0.0})
+    record = {k: v for k, v in local.items() if k not in ("record_sha256", "where")}
+    dst = tmp_path / "run" / "snapshots" / src.name
+    job = {"src": str(src), "dst": str(dst), "record": record, "keep": 2}
+    assert writer.copy_snapshot(job)["ok"]
+    copied = manifest.Snapshot.at(dst)
+    assert copied.complete and copied.verify() is None and copied.commit["files"] == local["files"]
+    (src / "0" / "model").write_bytes(b"x" * (3 * 2**20 + 5))  # same size, other bytes
+    answer = writer.copy_snapshot(job)  # the complete copy of that name is moved aside, never deleted
+    assert not answer["ok"] and f"{src / '0' / 'model'}" in answer["error"] and "\n" not in answer["error"]
+    assert manifest.read_commit(dst) is None
+    assert [p.name.split(".")[1].split("-")[0] for p in dst.parent.glob("*.superseded-*")] == ["superseded"]
