@@ -274,3 +274,21 @@ def test_the_writer_copies_only_the_committed_bytes(tmp_path: Path) -> None:
     assert not answer["ok"] and f"{src / '0' / 'model'}" in answer["error"] and "\n" not in answer["error"]
     assert manifest.read_commit(dst) is None
     assert [p.name.split(".")[1].split("-")[0] for p in dst.parent.glob("*.superseded-*")] == ["superseded"]
+
+
+def test_the_writer_never_writes_outside_the_snapshot_for_a_tampered_record(tmp_path: Path) -> None:
+    """A local commit record whose file names climb out of the snapshot (tampered /dev/shm): one error line,
+    nothing written beside the run directory."""
+    from elastictrain.snapshot import writer
+
+    src = tmp_path / "local" / manifest.snapshot_name(1, 4)
+    src.mkdir(parents=True)
+    (src / "model").write_bytes(b"weights")
+    local = manifest.write_commit(src, {"name": src.name, "epoch": 1, "step": 4, "engine": "torchsnapshot",
+                                        "tier": "rolling", "where": "local", "started_at": 0.0})
+    record = {k: v for k, v in local.items() if k not in ("record_sha256", "where")}
+    record["files"] = {"../../../escaped": record["files"]["model"]}
+    dst = tmp_path / "run" / "snapshots" / src.name
+    answer = writer.copy_snapshot({"src": str(src), "dst": str(dst), "record": record, "keep": 2})
+    assert not answer["ok"] and "leaves the snapshot" in answer["error"], answer
+    assert not (tmp_path / "escaped").exists() and manifest.read_commit(dst) is None

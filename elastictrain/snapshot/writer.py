@@ -95,6 +95,8 @@ def copy_snapshot(job: dict[str, Any]) -> dict[str, Any]:
         clear_target(dst)
         dst.mkdir(parents=True)
         for i, (rel, entry) in enumerate(sorted(record["files"].items(), key=lambda e: -e[1]["size"])):
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:  # a tampered record: never outside DST
+                raise ValueError(f"{src / manifest.COMMIT}: file name {rel!r} leaves the snapshot; not copied")
             copy_verified(src / rel, dst / rel, entry["size"], entry["sha256"])
             if i == 0 and job.get("fault") == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)  # test-only: --debug.fault sigkill@writer=N
