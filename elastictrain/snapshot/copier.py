@@ -147,13 +147,13 @@ class DurableCopier:
             self.local.pinned = ""
             self._deaths = self._deaths + 1 if answer.get("died") else 0
             if self._deaths >= 2:  # not a stray kill: without durable snapshots the run must not go on silently
-                self._remove_debris(self.root / name)
+                manifest.remove_if_uncommitted(self.root / name)
                 error = RuntimeError(f"snapshot {self.root / name} failed: {answer['error']}, the second writer "
                                      f"in a row")
             elif answer.get("died"):
                 log.warning("durable snapshot %s not written: %s; it stays incomplete (removed), a new writer "
                             "process takes the next one", name, answer["error"])
-                self._remove_debris(self.root / name)
+                manifest.remove_if_uncommitted(self.root / name)
             elif not answer["ok"]:
                 error = self._failure(name, answer)
             else:
@@ -168,18 +168,13 @@ class DurableCopier:
             self.faults.maybe_fire("saved", manifest.parse_name(name)[1])
 
     def _failure(self, name: str, answer: dict[str, Any]) -> BaseException:
-        self._remove_debris(self.root / name)
+        manifest.remove_if_uncommitted(self.root / name)
         if answer.get("enospc"):
             free = shutil.disk_usage(self.root).free
             return UserError(f"snapshot {self.root / name}: no space left on device ({manifest.human_size(free)} "
                              f"free in {self.root}); the incomplete snapshot is removed, earlier snapshots are kept. "
                              "Free space there (or lower --checkpoint.keep) and start again")
         return RuntimeError(f"snapshot {self.root / name} failed: {answer['error']}")
-
-    @staticmethod
-    def _remove_debris(path: Path) -> None:
-        if manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
-            shutil.rmtree(path, ignore_errors=True)
 
     def close(self, timeout: float = 30.0) -> None:
         """Give a copy in flight ``timeout`` seconds (no collective: close also runs when the run fails); an

@@ -162,6 +162,35 @@ def commit_problem(snapshot: Path) -> str | None:
     return _load_commit(snapshot)[1]
 
 
+def is_uncommitted(snapshot: Path) -> bool:
+    """No commit record at all: the debris of a write that was cut off (a damaged record is not debris)."""
+    return _load_commit(snapshot) == (None, None)
+
+
+def remove_if_uncommitted(snapshot: Path) -> None:
+    """Give back the space of a write that did not finish; a committed or damaged snapshot is never touched."""
+    import shutil
+
+    if is_uncommitted(snapshot):
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def make_room(snapshot: Path) -> Path | None:
+    """Room for a new snapshot at ``snapshot``: debris of an earlier attempt is removed; a complete or damaged
+    one of that name (an abandoned branch: we resumed from an older snapshot on purpose) is moved aside,
+    never deleted. Returns where it was moved, or None."""
+    import shutil
+
+    if not snapshot.exists():
+        return None
+    if is_uncommitted(snapshot):
+        shutil.rmtree(snapshot)
+        return None
+    aside = snapshot.with_name(f"{snapshot.name}.superseded-{int(time.time())}")
+    snapshot.rename(aside)
+    return aside
+
+
 def _load_commit(snapshot: Path) -> tuple[dict[str, Any] | None, str | None]:
     path = snapshot / COMMIT
     try:

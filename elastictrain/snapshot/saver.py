@@ -124,14 +124,9 @@ class Saver:
         attempt: an incomplete one is debris and is removed; a complete or damaged one (we resumed from an
         older snapshot on purpose) is moved aside, never deleted."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            return
-        if manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
-            shutil.rmtree(path)
-            return
-        aside = path.with_name(f"{path.name}.superseded-{int(time.time())}")
-        log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
-        path.rename(aside)
+        aside = manifest.make_room(path)
+        if aside is not None:
+            log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
 
     def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
         """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
@@ -197,8 +192,8 @@ class Saver:
             raise_together(self.ctx, error)
         except UserError:  # a full disk on some rank: give its space back (every writer has ended)
             path = self.root / self._writing
-            if self.ctx.is_main and manifest.read_commit(path) is None and manifest.commit_problem(path) is None:
-                shutil.rmtree(path, ignore_errors=True)
+            if self.ctx.is_main:
+                manifest.remove_if_uncommitted(path)
             raise
 
     def close(self, timeout: float = 30.0) -> None:

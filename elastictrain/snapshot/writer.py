@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,24 +74,13 @@ def copy_verified(src: Path, dst: Path, size: int, sha256: str) -> None:
                          f"(the local snapshot changed after its commit); not copied")
 
 
-def clear_target(dst: Path) -> None:
-    """Room for DST: debris of a cut-off copy is removed; a complete or damaged snapshot of that name (an
-    abandoned branch) is moved aside, never deleted."""
-    if not dst.exists():
-        return
-    if manifest.read_commit(dst) is None and manifest.commit_problem(dst) is None:
-        shutil.rmtree(dst)
-    else:
-        dst.rename(dst.with_name(f"{dst.name}.superseded-{int(time.time())}"))
-
-
 def copy_snapshot(job: dict[str, Any]) -> dict[str, Any]:
     """Do one job (see the module doc); the answer: {"ok": true, "removed": [...]} or {"ok": false, "error":
     one line, "enospc": bool}."""
     src, dst, record = Path(job["src"]), Path(job["dst"]), dict(job["record"])
     start = time.time()
     try:
-        clear_target(dst)
+        manifest.make_room(dst)
         dst.mkdir(parents=True)
         for i, (rel, entry) in enumerate(sorted(record["files"].items(), key=lambda e: -e[1]["size"])):
             if Path(rel).is_absolute() or ".." in Path(rel).parts:  # a tampered record: never outside DST
