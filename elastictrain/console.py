@@ -10,6 +10,11 @@ from pathlib import Path
 from elastictrain.config import Config
 
 
+def rank_log(run_dir: Path, rank: int) -> Path:
+    """Where a rank logs in the run directory: train.log for rank 0, logs/rankN.log for the others."""
+    return run_dir / ("train.log" if rank == 0 else f"logs/rank{rank}.log")
+
+
 def duration(seconds: float) -> str:
     """``1h05m00s`` or ``4m30s``."""
     seconds = int(round(seconds))
@@ -45,8 +50,7 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     handlers: list[logging.Handler] = [_TqdmAwareHandler(sys.stderr)]
     if run_dir is not None:
-        path = Path(run_dir) / ("train.log" if rank == 0 else f"logs/rank{rank}.log")
-        handlers.append(_LazyDirFileHandler(path))
+        handlers.append(_LazyDirFileHandler(rank_log(Path(run_dir), rank)))
     for handler in handlers:
         handler.setFormatter(fmt)
         handler.setLevel(level)

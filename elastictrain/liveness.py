@@ -46,6 +46,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from elastictrain.console import rank_log
 from elastictrain.osutil import launcher, proc_stat
 
 log = logging.getLogger(__name__)
@@ -240,10 +241,11 @@ class Watchdog:
 
     def __init__(self, progress: Progress, rank: int, world_size: int, heartbeat_s: float, peer_timeout_s: float,
                  hang_timeout_s: float, unseen_s: float, connect: Callable[[], Any] | None = None, store_name: str = "",
-                 prefix: str = "elastictrain/liveness", stack_file: Path | None = None) -> None:
+                 prefix: str = "elastictrain/liveness", logs: Callable[[int], Path] | None = None) -> None:
         self.progress, self.rank, self.world_size = progress, rank, world_size
         self.heartbeat_s, self.hang_timeout_s, self.unseen_s = heartbeat_s, hang_timeout_s, unseen_s
-        self.connect, self.prefix, self.stack_file = connect, prefix, stack_file
+        self.connect, self.prefix, self.logs = connect, prefix, logs
+        """Where rank r's log is (this rank's stack goes to its own, a stopped peer's to its)."""
         self.store: Any = None
         """The heartbeat thread's own store client (None until connected, and again after a failed round trip)."""
         self.judge = Judge(rank, world_size if connect is not None else 1, peer_timeout_s, time.monotonic(),
@@ -314,13 +316,6 @@ class Watchdog:
             if verdict is not None and not self.done.is_set():
                 self._stop_worker(verdict)
 
-    def _rank_log(self, rank: int) -> Path | None:
-        """The log a peer's stack goes to (as :func:`watch` names it), beside this rank's own."""
-        if self.stack_file is None:
-            return None
-        run_dir = self.stack_file.parent if self.rank == 0 else self.stack_file.parent.parent
-        return run_dir / ("train.log" if rank == 0 else f"logs/rank{rank}.log")
-
     def _exchange(self, mine: dict[str, Any]) -> None:
         """Write our record and read every peer's; a store that fails or times out just does not answer, and
         the client is dropped (a reply that comes late would be read as the answer to the next request)."""
@@ -342,9 +337,9 @@ class Watchdog:
     def _stop_worker(self, verdict: Verdict) -> None:
         log.error("%s", verdict.message)
         if verdict.dump_stack:
-            dump_stacks(self.stack_file)
+            dump_stacks(self.logs(self.rank) if self.logs else None)
         if verdict.stopped_peer:
-            peer_log = self._rank_log(verdict.stopped_rank)
+            peer_log = self.logs(verdict.stopped_rank) if self.logs else None
             before = _size(peer_log)
             with contextlib.suppress(OSError):
                 os.kill(verdict.stopped_peer, STACK_SIGNAL)  # pending until continued: then it writes its stack
@@ -426,7 +421,7 @@ def _remove_if_empty(path: Path) -> None:
 
 
 def start(cfg_dist: Any, rank: int, world_size: int, distributed: bool, progress: Progress,
-          generation: str = "", stack_file: Path | None = None) -> Watchdog | None:
+          generation: str = "", logs: Callable[[int], Path] | None = None) -> Watchdog | None:
     """Start this worker's watchdog (None when ``dist.heartbeat_s`` is 0: off). Under torchrun it talks to the
     process group's store at MASTER_ADDR:MASTER_PORT through a client of its own; without a process group it
     checks this rank's progress only."""
@@ -447,7 +442,7 @@ def start(cfg_dist: Any, rank: int, world_size: int, distributed: bool, progress
 
     dog = Watchdog(progress, rank, world_size, cfg_dist.heartbeat_s, cfg_dist.peer_timeout_s,
                    cfg_dist.hang_timeout_s, cfg_dist.timeout_s, connect, name,
-                   f"elastictrain/liveness/{generation}", stack_file)
+                   f"elastictrain/liveness/{generation}", logs)
     return dog.start()
 
 
@@ -461,7 +456,8 @@ def start_for(cfg: Any, ctx: Any, progress: Progress) -> Watchdog | None:
 
     generation = broadcast_object(ctx, uuid.uuid4().hex[:12]) if ctx.distributed else "local"
     run_dir = Path(cfg.run.dir)
-    stack_file = run_dir / ("train.log" if ctx.rank == 0 else f"logs/rank{ctx.rank}.log")
+    stack_file = rank_log(run_dir, ctx.rank)
     stack_file.parent.mkdir(parents=True, exist_ok=True)
     stacks_on_request(stack_file, list(cfg.preemption.signals))
-    return start(cfg.dist, ctx.rank, ctx.world_size, ctx.distributed, progress, generation, stack_file)
+    return start(cfg.dist, ctx.rank, ctx.world_size, ctx.distributed, progress, generation,
+                 lambda r: rank_log(run_dir, r))

@@ -160,7 +160,7 @@ def test_a_stalled_watchdog_without_process_group_dumps_its_stack_and_exits_1(tm
     """Progress only (no store): the real thread and faulthandler, in a child process that stalls."""
     log = tmp_path / "rank.log"
     code = (f"import time\nfrom elastictrain import liveness\np = liveness.Progress()\np.enter('step')\n"
-            f"liveness.Watchdog(p, 0, 1, 0.1, 1.0, 0.5, 300, stack_file=__import__('pathlib').Path({str(log)!r}))"
+            f"liveness.Watchdog(p, 0, 1, 0.1, 1.0, 0.5, 300, logs=lambda r: __import__('pathlib').Path({str(log)!r}))"
             f".start()\ndef stalled_here():\n    time.sleep(30)\nstalled_here()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
