@@ -7,9 +7,8 @@ import dataclasses
 import logging
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from elastictrain.config import ALIASES, Config, field_docs, load_config
+from elastictrain.errorfile import record_atomically
 from elastictrain.errors import EXIT_USER_ERROR, UserError, user_message
 from elastictrain.osutil import launcher
 
@@ -68,9 +67,10 @@ def train(argv: list[str]) -> int:
     return run_training(cfg)
 
 
-@record
+@record_atomically
 def run_training(cfg: Config) -> int:
-    """Set up, train, and tear down whatever happens; @record leaves torchrun a readable error file.
+    """Set up, train, and tear down whatever happens; @record_atomically leaves torchrun a readable error
+    file (see errorfile.py).
 
     A :class:`UserError` (a setting, path or file the user can fix) ends the run with one line on stderr
     and exit 2, on every rank that raises it, without a traceback.

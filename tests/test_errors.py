@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,37 @@ def test_read_only_run_dir_or_snapshots_are_refused_at_start_up(tmp_path: Path, 
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"--run.dir {run_dir}: {frozen} is not writable" in out.stderr and "Traceback" not in out.stderr
     assert not [r for r in read_jsonl(run_dir) if r["kind"] == "train"]
+
+
+ERROR_FILE_SCRIPT = """
+import json, os, sys
+from elastictrain.errorfile import record_atomically
+
+if sys.argv[1] == "dies-while-writing":  # another thread's os._exit lands while the error file is written
+    json.dump = json.dumps = lambda *a, **k: os._exit(1)
+
+@record_atomically
+def main():
+    raise RuntimeError("boom")
+
+main()
+"""
+
+
+@pytest.mark.parametrize("how", ["raises", "dies-while-writing"])
+def test_torchrun_can_always_read_a_workers_error_file(tmp_path: Path, how: str) -> None:
+    """torch's own ErrorHandler truncates the error file, then writes it: a rank that exits in between left
+    an empty file, and torchrun's agent died on it (JSONDecodeError) instead of restarting the workers. Ours
+    is complete or absent; torchrun's reader (ProcessFailure) must parse it either way."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    env = {**base_env(), "TORCHELASTIC_ERROR_FILE": str(error_file)}
+    proc = subprocess.run([sys.executable, "-c", ERROR_FILE_SCRIPT, how], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(error_file))  # raises on a bad file
+    if how == "raises":
+        assert failure.message["message"] == "RuntimeError: boom"
+    else:
+        assert not error_file.exists() and not list(tmp_path.iterdir())  # no half file, no temporary left
