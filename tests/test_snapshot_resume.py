@@ -58,36 +58,3 @@ def test_one_process_killed_then_same_command_is_bitwise_exact(reference_runs: d
     assert_bitwise_equal(load_final(reference_runs[1]), load_final(tmp_path / "run"))
 
 
-def last_val(run_dir: Path) -> dict:
-    return [r for r in read_jsonl(run_dir) if r["kind"] == "val"][-1]
-
-
-def first_train_loss_after(run_dir: Path, step: int) -> float:
-    return [r for r in read_jsonl(run_dir) if r["kind"] == "train" and r["step"] == step + 1][-1]["loss"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["torchsnapshot", "dcp"])
-def test_two_rank_snapshot_restores_at_one_and_three_ranks(tmp_path: Path, engine: str) -> None:
-    """The 2-rank run is the reference; its epoch-2 snapshot continues at 1 rank (no process group) and at 3.
-
-    Global batch 12 (divisible by 1, 2, 3) so every world size makes the same optimizer steps on the same
-    samples. Not bitwise: batch-norm statistics are per rank (12, 6 or 4 samples per forward), and
-    reductions run in another order. So losses must agree within 2% (observed: 0.03-0.55%); a restore that
-    lost the optimizer or LR state, or replayed or skipped samples, is far outside that."""
-    args = ["--train.batch_size", "12", "--checkpoint.engine", engine]
-    reference = tmp_path / "ws2"
-    run_cli(tiny_args(reference, *args), nproc=2, check=True)
-    for nproc in (1, 3):
-        run_dir = tmp_path / f"ws{nproc}"
-        shutil.copytree(reference, run_dir)
-        shutil.rmtree(run_dir / "snapshots" / manifest.snapshot_name(3, 6))
-        (run_dir / "final_model.pt").unlink()
-        out = run_cli(tiny_args(run_dir, *args), nproc=0 if nproc == 1 else nproc, check=True).stdout
-        assert f"resuming from epoch 2 step 4 (snapshot {run_dir / 'snapshots' / manifest.snapshot_name(2, 4)}, " \
-               f"taken at world size 2, now {nproc})" in out
-        got, want = last_val(run_dir), last_val(reference)
-        assert got["epoch"] == 3 and got["step"] == 6 and got["world_size"] == nproc
-        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.02)
-        assert first_train_loss_after(run_dir, 4) == pytest.approx(first_train_loss_after(reference, 4), rel=0.02)
-        assert (run_dir / "final_model.pt").exists()

@@ -207,16 +207,30 @@ def epoch_offsets(records: list[dict]) -> dict[int, list[int]]:
 
 
 @pytest.mark.slow
-def test_mid_epoch_snapshot_from_two_ranks_continues_at_one_and_three(tmp_path: Path) -> None:
-    """Global batch 12 over 36 samples: 3 steps an epoch; a snapshot every 2 steps, so the one at step 4 is one
-    step into epoch 2. Continued at 1 and at 3 ranks, every epoch's offsets are 12, 24, 36 exactly once (the
-    samples of a step are a pure function of the offset, whatever the world size: see data.py)."""
+@pytest.mark.parametrize("engine", ["torchsnapshot", "dcp"])
+def test_mid_epoch_snapshot_from_two_ranks_continues_at_one_and_three(tmp_path: Path, engine: str) -> None:
+    """The 2-rank run is the reference; its mid-epoch snapshot continues at 1 rank (no process group) and at 3.
+
+    Global batch 12 over 36 samples: 3 steps an epoch; a snapshot every 2 steps, so the one at step 4 is one
+    step into epoch 2. Every epoch's offsets must be 12, 24, 36 exactly once (the samples of a step are a pure
+    function of the offset, whatever the world size: see data.py). Not bitwise: batch-norm statistics are per
+    rank (12, 6 or 4 samples per forward), and reductions run in another order. So the final validation loss must
+    agree within 2% (observed: 0.03-0.55%); a restore that lost the optimizer or LR state, or replayed or skipped
+    samples, is far outside that. (This test also stands for the epoch-end snapshot at another world size: that is the same
+    restore with offset 0.)"""
     common = ["--train.batch_size", "12", "--data.train_samples", "36", "--checkpoint.every_steps", "2",
-              "--checkpoint.keep", "10", "--checkpoint.engine", "dcp"]
+              "--checkpoint.keep", "10", "--checkpoint.engine", engine]
     reference = tmp_path / "ws2"
     run_cli(tiny_args(reference, *common), nproc=2, check=True)
     snapshot = manifest.snapshot_name(1, 4)
     assert manifest.read_commit(reference / "snapshots" / snapshot)["sample_offset"] == 12
+
+    def last_val(run_dir: Path) -> dict:
+        return [r for r in read_jsonl(run_dir) if r["kind"] == "val"][-1]
+
+    def first_train_loss_after(run_dir: Path, step: int) -> float:
+        return [r for r in read_jsonl(run_dir) if r["kind"] == "train" and r["step"] == step + 1][-1]["loss"]
+
     for nproc in (1, 3):
         run_dir = tmp_path / f"ws{nproc}"
         shutil.copytree(reference, run_dir)
@@ -232,6 +246,13 @@ def test_mid_epoch_snapshot_from_two_ranks_continues_at_one_and_three(tmp_path: 
         first = next(r for r in records[records.index(resume):] if r["kind"] == "train")
         assert (first["step"], first["epoch"], first["sample_offset"], first["world_size"]) == (5, 1, 24, nproc)
         assert epoch_offsets(records) == {0: [12, 24, 36], 1: [12, 24, 36], 2: [12, 24, 36]}
+        got, want = last_val(run_dir), last_val(reference)
+        assert got["epoch"] == 3 and got["step"] == 9 and got["world_size"] == nproc
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=0.02)
+        # The first step's loss shows the restored weights (a fresh model starts at 2.4, 25% off); it is taken
+        # in train mode, on 12, 6 or 4 samples per batch-norm batch, so it varies more: within 5% (seen 2.3%).
+        assert first_train_loss_after(run_dir, 4) == pytest.approx(first_train_loss_after(reference, 4), rel=0.05)
+        assert (run_dir / "final_model.pt").exists()
 
 
 @pytest.mark.slow
