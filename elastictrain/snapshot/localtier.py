@@ -168,13 +168,6 @@ def agreed_newest(root: Path, views: list[dict[str, tuple[int, int]]]) -> Snapsh
                 and manifest.snapshot_id(s.commit) == best)  # type: ignore[arg-type]
 
 
-def remove_incomplete(root: Path) -> None:
-    """Debris of a write cut off by a kill: it would count against the two generations."""
-    for snap in manifest.list_snapshots(root):
-        if not snap.complete and not snap.damaged:
-            shutil.rmtree(snap.path, ignore_errors=True)
-
-
 def remove_tier(root: Path) -> None:
     """A finished run's local tier (BASE/RUN_ID) is removed at its end."""
     shutil.rmtree(root.parent, ignore_errors=True)

@@ -99,7 +99,9 @@ class Restorer:
     def _agreed_local(self, root: Path, durable: discovery.Choice | None) -> Snapshot | None:
         """The newest local snapshot that every rank sees complete, if it is at least as new as the durable
         choice and (under ``--checkpoint.resume_from``) of the same lineage; else None."""
-        on_main_together(self.ctx, lambda: localtier.remove_incomplete(root))
+        # As in the run directory: debris removed, a damaged newest one (its record or a file hurt in memory)
+        # moved aside with an error line, never silently skipped.
+        on_main_together(self.ctx, lambda: discovery.newest_intact(root))
         views = all_gather_object(self.ctx, localtier.complete_ids(root))
         snap = localtier.agreed_newest(root, views)
         if snap is None or (durable is not None and durable[0].order > snap.order):
