@@ -1,17 +1,16 @@
 """Kill and resume, bitwise, with both engines: a job SIGKILLed mid-epoch, while a snapshot is being
 written and right after one was committed, then started again with the same command, ends with exactly
-the weights of the uninterrupted run. And a snapshot taken at 2 ranks restores at 1 and at 3."""
+the weights of the uninterrupted run. (A snapshot taken at 2 ranks continued at 1 and at 3:
+tests/test_step_snapshots.py.)"""
 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from elastictrain.snapshot import manifest
-from helpers import assert_bitwise_equal, load_final, read_jsonl, run_cli, tiny_args
+from helpers import assert_bitwise_equal, load_final, run_cli, tiny_args
 
 # Where each fault leaves the newest complete snapshot (tiny: 4 steps per epoch at batch 8).
 RESUME_POINT = {
