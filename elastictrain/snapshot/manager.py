@@ -109,6 +109,10 @@ class SnapshotManager:
         self.local: Saver | None = None
         """The local tier's saver (None when the tier is off); set up by restore_latest."""
         self.local_clock = SnapshotClock(**_local_interval(cfg))
+        self.local_blocked_seconds: list[float] = []
+        """Per local snapshot, the time the training loop waited for it (its start, and waits before a step)."""
+        self.local_part_seconds: list[dict[str, float]] = []
+        """Per local snapshot, the seconds of each part of its write, off the loop (Saver.part_seconds)."""
         self._local_bytes = 0
         self._room_warned = False
         self._local_created = False
@@ -183,10 +187,15 @@ class SnapshotManager:
             # Committed before the step changes the state: a kill from here on loses at most this one step.
             start = time.perf_counter()
             self.local.wait()
-            self.local_clock.add_blocked(time.perf_counter() - start)
+            self._local_blocked(time.perf_counter() - start)
             self.local_clock.written()
         if self.copier is not None:
             self.copier.hand_over()  # a durable snapshot waiting for this local commit goes to the writer
+
+    def _local_blocked(self, seconds: float) -> None:
+        self.local_clock.add_blocked(seconds)
+        if self.local_blocked_seconds:
+            self.local_blocked_seconds[-1] += seconds
 
     def save_now(self, app_state: AppState, state: TrainState) -> str | None:
         """A snapshot at the current step (preemption), returned once committed: its name, or None when there
@@ -267,7 +276,9 @@ class SnapshotManager:
                   "val_loss": None, "is_best": False,
                   "where": "local"}
         name = self.local.take(app_state, state, record, background=True)
-        self.local_clock.started(time.monotonic(), time.perf_counter() - start)
+        blocked = time.perf_counter() - start
+        self.local_blocked_seconds.append(blocked)
+        self.local_clock.started(time.monotonic(), blocked)
         return name
 
     def _create_local(self) -> None:
@@ -321,6 +332,7 @@ class SnapshotManager:
             ctx = dataclasses.replace(ctx, ckpt_group=dist.new_group(backend="gloo"))
         self.local = Saver(dataclasses.replace(self.cfg, keep=1, mode="async"), ctx, placement.root, self.engine,
                            self.saver.prepare, None, log_level=logging.DEBUG)
+        self.local_part_seconds = self.local.part_seconds
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size:  # one node: see copier.py
             self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults)
         if self.ctx.is_main:

@@ -53,6 +53,8 @@ class Saver:
         self._error: BaseException | None = None
         self.pinned = ""
         """A snapshot retention must keep for now (the local tier's, while the durable writer copies it)."""
+        self.part_seconds: list[dict[str, float]] = []
+        """Per snapshot written by this rank: the seconds of each part of its write (what runs off the loop)."""
 
     @property
     def writing(self) -> bool:
@@ -131,11 +133,22 @@ class Saver:
     def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
         """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
         fingerprint and the files' checksums in the commit record, then best and retention."""
+        parts: dict[str, float] = {}
+        lap = time.perf_counter()
+
+        def timed(part: str) -> None:
+            nonlocal lap
+            now = time.perf_counter()
+            parts[part], lap = round(now - lap, 4), now
+
         try:
             if isinstance(staged, Future):
                 staged = staged.result()
+            timed("staging")
             self.engine.write(path, staged, self.ctx)
+            timed("engine")
             complete, partial = proof.local_record(staged)
+            timed("fingerprints")
             # Also the proof that every rank wrote this same snapshot (a rank that decided otherwise would have
             # written another one): the gather has every rank's step.
             gathered = all_gather_object(self.ctx, (info["step"], partial), group=self.ctx.ckpt_group)
@@ -149,10 +162,13 @@ class Saver:
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
                 record = manifest.write_commit(path, {**info, "rank_steps": steps,
                                                       "entries": proof.combine(complete, partials)})
+                timed("commit")
                 log.log(self.log_level, "snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
                          len(record["files"]), manifest.human_size(Snapshot(path, record).size),
                          record["checksum_seconds"])
                 self._apply_retention()
+                timed("retention")
+            self.part_seconds.append(parts)
             if self.faults:  # here, not on the training thread, so that it is right after the commit
                 self.faults.maybe_fire("saved", info["step"])
         except BaseException as e:  # surfaced by wait() on the training thread, on every rank
