@@ -285,6 +285,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.checkpointer.after_optimizer_step()  # the local snapshot of this step's start is committed now
         return total
 
     @torch.no_grad()

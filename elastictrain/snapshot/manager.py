@@ -23,7 +23,9 @@ the snapshot is committed, so no data is ever rewritten.
 The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RUN_ID/snapshots), every
 ``checkpoint.local_every_steps`` steps, by a second saver on its own process group (its writer thread's
 collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
-local snapshot is committed before the next optimizer step runs, so a kill loses at most one step. A restore
+local snapshot taken at a step boundary holds up the next step only for its staging copy (before the optimizer
+step); its write, fingerprints, checksums and commit run during that step, and it is committed before the
+step counts as done, so a kill redoes at most one step. A restore
 takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
 one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
 writer process (copier.py, writer.py) instead of the in-process writer thread.
@@ -110,7 +112,8 @@ class SnapshotManager:
         """The local tier's saver (None when the tier is off); set up by restore_latest."""
         self.local_clock = SnapshotClock(**_local_interval(cfg))
         self.local_blocked_seconds: list[float] = []
-        """Per local snapshot, the time the training loop waited for it (its start, and waits before a step)."""
+        """Per local snapshot, the time the training loop waited for it: its start, its staging copy (before the
+        optimizer step) and what was left of its write when the step was done."""
         self.local_part_seconds: list[dict[str, float]] = []
         """Per local snapshot, the seconds of each part of its write, off the loop (Saver.part_seconds)."""
         self._local_bytes = 0
@@ -177,14 +180,22 @@ class SnapshotManager:
         return self._save(app_state, state, None, False, background=self.cfg.mode == "async", end_of_epoch=False)
 
     def before_optimizer_step(self) -> None:
-        """Wait until the snapshot being staged has copied what the optimizer step is about to change."""
+        """Wait until the snapshots being staged (durable, local) have copied what the optimizer step is about
+        to change; their writes go on during the step."""
         waited = self.saver.wait_for_staging()
         if waited is not None:
             self.clock.add_blocked(waited)
             if self.blocked_seconds:
                 self.blocked_seconds[-1] += waited
+        waited = self.local.wait_for_staging() if self.local is not None else None
+        if waited is not None:
+            self._local_blocked(waited)
+
+    def after_optimizer_step(self) -> None:
+        """Before the step counts as done: the local snapshot taken at its start must be committed, so a kill
+        from here on redoes at most this step. Its write ran during the forward, backward and optimizer step;
+        the loop waits only for what is left of it (nothing, when a write is shorter than a step)."""
         if self.local is not None and self.local.writing:
-            # Committed before the step changes the state: a kill from here on loses at most this one step.
             start = time.perf_counter()
             self.local.wait()
             self._local_blocked(time.perf_counter() - start)
@@ -256,8 +267,9 @@ class SnapshotManager:
         return due, due and not localtier.has_room(self.local.root, self._local_bytes)
 
     def save_local(self, app_state: AppState, state: TrainState, no_room: bool) -> str | None:
-        """A local snapshot at this step boundary, committed before the next optimizer step (see
-        before_optimizer_step); skipped with a warning when some rank's file system is too full."""
+        """A local snapshot at this step boundary: the next optimizer step waits for its staging copy, and it
+        is committed before that step counts as done (before_/after_optimizer_step); skipped with a warning
+        when some rank's file system is too full."""
         assert self.local is not None
         if no_room:
             if not self._room_warned and self.ctx.is_main:
