@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -315,8 +316,9 @@ class HeldEngine:
 def test_the_optimizer_step_waits_for_a_local_snapshots_staging_not_its_write(tmp_path: Path, shm_base: Path,
                                                                              engine: str) -> None:
     """A local snapshot's write runs during the next step: the optimizer step waits only for the staging copy
-    and changes the weights while the write is held; the snapshot looks complete only once written and
-    committed, which the end of the step waits for, and restores the values of its step bitwise."""
+    and changes the weights while the write is held (with a short GIL switch interval meanwhile); the snapshot
+    looks complete only once written and committed, which the end of the step waits for, and restores the
+    values of its step bitwise."""
     import torch
 
     from elastictrain.config import CheckpointConfig
@@ -350,6 +352,8 @@ def test_the_optimizer_step_waits_for_a_local_snapshots_staging_not_its_write(tm
         waiting.start()
         waiting.join(10)
         stepped = not waiting.is_alive()
+        # Beside a write, the training thread gets the GIL back quickly (saver.gil_shared).
+        shared_interval = sys.getswitchinterval()
         held.go.set()  # whatever happened: let the write go, so nothing is left waiting
         waiting.join()
         assert stepped, "the optimizer step waited for the local snapshot's write, not just its staging"
@@ -358,6 +362,7 @@ def test_the_optimizer_step_waits_for_a_local_snapshots_staging_not_its_write(tm
         mgr.after_optimizer_step()  # the step counts only once the snapshot of its start is committed
         snap = manifest.Snapshot.at(mgr.local.root / name)
         assert snap.complete and snap.verify() is None
+        assert shared_interval <= 0.0005 < sys.getswitchinterval(), (shared_interval, sys.getswitchinterval())
     finally:
         held_engine = getattr(mgr.local, "engine", None)
         if isinstance(held_engine, HeldEngine):

@@ -5,15 +5,17 @@ last) and applies retention. One snapshot is in flight at most; its failure is r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
+import sys
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from elastictrain import device as devices
 from elastictrain.config import CheckpointConfig
@@ -81,8 +83,8 @@ class Saver:
         staged = self._stage(app_state)
         self._staging = staged if isinstance(staged, Future) else None
         self._writing, self.held_step = name, state.step
-        self._writer = threading.Thread(target=self._write, args=(path, staged, info), name=f"snapshot-{name}",
-                                        daemon=True)
+        self._writer = threading.Thread(target=self._write_beside_training, args=(path, staged, info),
+                                        name=f"snapshot-{name}", daemon=True)
         self._writer.start()
         if self.faults:
             self.faults.maybe_fire("saving", state.step)
@@ -129,6 +131,10 @@ class Saver:
         aside = manifest.make_room(path)
         if aside is not None:
             log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
+
+    def _write_beside_training(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
+        with gil_shared():
+            self._write(path, staged, info)
 
     def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
         """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
@@ -222,6 +228,35 @@ class Saver:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+SHARED_SWITCH_INTERVAL_S = 0.0002
+"""Python's GIL switch interval while a writer thread runs beside training (the default is 5 ms)."""
+_sharing = 0
+_sharing_lock = threading.Lock()
+_default_interval = sys.getswitchinterval()
+
+
+@contextlib.contextmanager
+def gil_shared() -> Iterator[None]:
+    """A short GIL switch interval while a snapshot is written beside training (nested writers share it).
+    Each time the training thread gives up the GIL for an operator, a Python-heavy writer keeps it for up to
+    the switch interval before the training thread gets it back, hundreds of times a step. Measured here
+    (resnet34 Unet, 64 px, batch 16; a write running throughout the step): a step beside DCP's write took
+    1.29x its time alone at 5 ms and 1.02x at 0.2 ms, beside torchsnapshot's 3.04x and 1.99x."""
+    global _sharing, _default_interval
+    with _sharing_lock:
+        if _sharing == 0:
+            _default_interval = sys.getswitchinterval()
+            sys.setswitchinterval(SHARED_SWITCH_INTERVAL_S)
+        _sharing += 1
+    try:
+        yield
+    finally:
+        with _sharing_lock:
+            _sharing -= 1
+            if _sharing == 0:
+                sys.setswitchinterval(_default_interval)
 
 
 _FULL_BELOW_BYTES = 1 << 20
