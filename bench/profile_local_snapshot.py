@@ -4,6 +4,7 @@ retention; beside one training step (forward and backward, then the optimizer st
 
     python bench/profile_local_snapshot.py                    # resnet34 Unet at 64 px, batch 16, both engines
     python bench/profile_local_snapshot.py --engines dcp --repeats 5 --image-size 128
+    python bench/profile_local_snapshot.py --beside     # also: a step beside a write, per GIL switch interval
 
 Every part runs alone, one after the other on the main thread (no overlap, no other thread competing), with
 the real components the saver uses (DefaultStager with reused buffers, the engine, proof.local_record,
@@ -11,17 +12,25 @@ manifest.write_commit, manifest.apply_retention), into a scratch local tier unde
 median and minimum seconds of each part over --repeats snapshots (after one warm-up snapshot, whose staging
 buffers are allocated), and the sum. What the loop waits for is the subject of bench_snapshots.py; this
 says what there is to move off it.
+
+With --beside, also what a write running beside training costs a step: the median time of a training step
+alone, and beside a thread that hashes (SHA-256, as the commit does) or has the engine write the staged state
+over and over, at Python's GIL switch intervals of 5 ms (its default), 1 ms and 0.2 ms (saver.gil_shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--base", default="/dev/shm", help="where the scratch local tier goes")
+    p.add_argument("--beside", action="store_true", help="also time a step beside a write (see the module doc)")
     return p.parse_args()
 
 
@@ -109,11 +119,64 @@ def main() -> int:
                 lap("retention")
             size = manifest.dir_size(path)
             print(f"{engine_name}: snapshot {size / 2**20:.0f} MB", file=sys.stderr)
+        if args.beside:
+            beside = step_beside_writes(args, lambda: (loss_fn(model(image), mask).backward(), optimizer.step(),
+                                                       optimizer.zero_grad(set_to_none=True)), staged, scratch, ctx)
     finally:
         stager.close()
         shutil.rmtree(scratch, ignore_errors=True)
     print_table(args, times)
+    if args.beside:
+        print("\na training step beside a write running throughout it (median of 6 steps):")
+        for what, seconds in beside.items():
+            print(f"  {what:<40} {seconds:.3f} s  {seconds / beside['alone']:.2f}x")
     return 0
+
+
+def step_beside_writes(args: argparse.Namespace, step: Any, staged: Any, scratch: Path, ctx: Any) -> dict[str, float]:
+    """Median step time alone, beside a hashing thread, and beside each engine's write in a loop at three GIL
+    switch intervals (see the module doc)."""
+    def median_step() -> float:
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    data = os.urandom(280 * 2**20)
+    stop = threading.Event()
+
+    def hashing() -> None:
+        while not stop.is_set():
+            hashlib.sha256(data).hexdigest()
+
+    def writing(engine_name: str) -> Any:
+        def loop() -> None:
+            engine, i = build_engine(engine_name), 0
+            while not stop.is_set():
+                path = scratch / f"beside-{i}"
+                engine.write(path, staged, ctx)
+                shutil.rmtree(path)
+                i += 1
+        return loop
+
+    result = {"alone": median_step()}
+    default = sys.getswitchinterval()
+    for interval in (0.005, 0.001, 0.0002):
+        sys.setswitchinterval(interval)
+        for what, target in [("sha256", hashing)] * (interval == 0.005) + [
+                (f"{e} write", writing(e)) for e in args.engines.split(",")]:
+            stop.clear()
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            time.sleep(0.5)
+            result[f"beside {what}, switch interval {interval * 1000:g} ms"] = median_step()
+            stop.set()
+            thread.join()
+    sys.setswitchinterval(default)
+    result["alone again"] = median_step()
+    return result
 
 
 def print_table(args: argparse.Namespace, times: dict[str, dict[str, list[float]]]) -> None:
