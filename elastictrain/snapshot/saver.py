@@ -242,8 +242,9 @@ def gil_shared() -> Iterator[None]:
     """A short GIL switch interval while a snapshot is written beside training (nested writers share it).
     Each time the training thread gives up the GIL for an operator, a Python-heavy writer keeps it for up to
     the switch interval before the training thread gets it back, hundreds of times a step. Measured here
-    (resnet34 Unet, 64 px, batch 16; a write running throughout the step): a step beside DCP's write took
-    1.29x its time alone at 5 ms and 1.02x at 0.2 ms, beside torchsnapshot's 3.04x and 1.99x."""
+    (bench/profile_local_snapshot.py --beside: resnet34 Unet, 64 px, batch 16, a write running throughout the
+    step): a step beside DCP's write took 2.16x its time alone at 5 ms and 1.41x at 0.2 ms, beside
+    torchsnapshot's 3.66x and 2.37x."""
     global _sharing, _default_interval
     with _sharing_lock:
         if _sharing == 0:
