@@ -412,8 +412,8 @@ class Trainer:
         summary = {"epochs": self.state.epoch, "steps": self.state.step, "best_val_loss": self.state.best_val_loss,
                    "final_model": str(path), "best_snapshot": str(self.checkpointer.root / best) if best else "",
                    "snapshot_blocked_seconds": self.checkpointer.blocked_seconds,
-                   "local_snapshot_blocked_seconds": self.checkpointer.local_blocked_seconds,
-                   "local_snapshot_part_seconds": self.checkpointer.local_part_seconds}
+                   "local_snapshot_blocked_seconds": list(self.checkpointer.local_blocked_seconds),
+                   "local_snapshot_part_seconds": list(self.checkpointer.local_part_seconds)}
         self.metrics.log("event", self.state.step, event="finished", epoch=self.state.epoch)
         self.preemption.answered()
         if self.ctx.is_main:

@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +55,7 @@ from elastictrain.snapshot.copier import DurableCopier
 from elastictrain.snapshot.engines import AppState, Engine, build_engine
 from elastictrain.snapshot.interval import SnapshotClock, failure_history
 from elastictrain.snapshot.restorer import Restorer, ResumeInfo
-from elastictrain.snapshot.saver import Saver
+from elastictrain.snapshot.saver import KEEP_TIMINGS, Saver
 from elastictrain.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,10 @@ class SnapshotManager:
         self.local: Saver | None = None
         """The local tier's saver (None when the tier is off); set up by restore_latest."""
         self.local_clock = SnapshotClock(**_local_interval(cfg))
-        self.local_blocked_seconds: list[float] = []
-        """Per local snapshot, the time the training loop waited for it: its start, its staging copy (before the
-        optimizer step) and what was left of its write when the step was done."""
-        self.local_part_seconds: list[dict[str, float]] = []
+        self.local_blocked_seconds: deque[float] = deque(maxlen=KEEP_TIMINGS)
+        """Per local snapshot (the last KEEP_TIMINGS), the time the training loop waited for it: its start, its
+        staging copy (before the optimizer step) and what was left of its write when the step was done."""
+        self.local_part_seconds: deque[dict[str, float]] = deque()
         """Per local snapshot, the seconds of each part of its write, off the loop (Saver.part_seconds)."""
         self._local_bytes = 0
         self._room_warned = False

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -55,8 +56,8 @@ class Saver:
         self._error: BaseException | None = None
         self.pinned = ""
         """A snapshot retention must keep for now (the local tier's, while the durable writer copies it)."""
-        self.part_seconds: list[dict[str, float]] = []
-        """Per snapshot written by this rank: the seconds of each part of its write (what runs off the loop)."""
+        self.part_seconds: deque[dict[str, float]] = deque(maxlen=KEEP_TIMINGS)
+        """Per snapshot written by this rank (the last KEEP_TIMINGS): the seconds of each part of its write."""
 
     @property
     def writing(self) -> bool:
@@ -230,6 +231,8 @@ class Saver:
             self._stager = None
 
 
+KEEP_TIMINGS = 1000
+"""Timings kept per saver (a local snapshot every step would otherwise grow them without end)."""
 SHARED_SWITCH_INTERVAL_S = 0.0002
 """Python's GIL switch interval while a writer thread runs beside training (the default is 5 ms)."""
 _sharing = 0
