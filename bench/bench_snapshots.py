@@ -7,6 +7,7 @@ costs in total, against bench/plain_loop.py's synchronous torch.save of the same
     python bench/bench_snapshots.py --nproc 2 --epochs 6 --image-size 128
     python bench/bench_snapshots.py --policies off,async,steps   # a subset
     python bench/bench_snapshots.py --policies off,plain,async,local,localonly --engines dcp   # the writer process
+    python bench/bench_snapshots.py --policies off,local,localonly --baseline /tmp/main-copy   # before / after
 
 Each configuration is a real ``python -m elastictrain`` run (under torchrun when --nproc > 1) in its own
 run directory under --out, with every snapshot kept so each one is measured; a run directory is deleted
@@ -17,7 +18,8 @@ ratio inside it is no finding. Policies: off, sync (every epoch), async (every e
 --every-steps steps too), auto (async, --checkpoint.every_minutes auto), all without the local tier; local (a
 local snapshot every step, the durable one every epoch made from it by the writer process), localonly (a
 local snapshot every step, the durable one only after the last epoch); plain (bench/plain_loop.py, with and
-without its torch.save at every epoch end: 'plain' and 'plain nosave'). Printed per configuration:
+without its torch.save at every epoch end: 'plain' and 'plain nosave'). With --baseline, the same policies run
+from another checkout's code too (rows ENGINE@base), interleaved with this one's. Printed per configuration:
 
   epoch s     epoch time, median and minimum over epochs 2.. of every round (the first warms up; a
               snapshot's blocked time and its background write fall inside the next epoch); 'x off' divides
@@ -32,7 +34,8 @@ without its torch.save at every epoch end: 'plain' and 'plain nosave'). Printed 
 
 and the total cost of one durable snapshot (the loop blocked plus the slower steps while it is written), as the
 difference of median epoch times: local - localonly (the writer process), async - off (the writer thread),
-plain - plain nosave (a synchronous torch.save), each divided by the last.
+plain - plain nosave (a synchronous torch.save), each divided by the last; and per local snapshot, how long
+the loop was blocked for it and how long each part of its write took (summary.json).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="run every configuration this many times, interleaved "
                    "(on a shared machine other jobs drift; interleaving spreads that over all configurations)")
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument("--baseline", default="", help="another checkout of elastictrain (e.g. the main branch): its "
+                   "runs of --baseline-policies are interleaved with this checkout's, as rows ENGINE@base")
+    p.add_argument("--baseline-policies", default="local,localonly")
     return p.parse_args()
 
 
@@ -90,6 +96,9 @@ POLICY_ARGS = {
 
 
 def run_training(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -> float:
+    root = ROOT
+    if engine.endswith("@base"):  # the same run from the baseline checkout's code
+        root, engine = Path(args.baseline).resolve(), engine.removesuffix("@base")
     if policy == "plain":
         run_dir.mkdir(parents=True)
         train = [str(ROOT / "bench" / "plain_loop.py"), str(run_dir), str(args.epochs), str(args.image_size),
@@ -100,9 +109,10 @@ def run_training(args: argparse.Namespace, run_dir: Path, engine: str, policy: s
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                *train]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(root)}
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -129,7 +139,12 @@ def measure(run_dir: Path, into: dict[str, list[float]]) -> None:
     start = next(r["time"] for r in records if r.get("event") == "start")
     ends = [start] + [r["time"] for r in records if r["kind"] == "val"]
     into["epoch"] += [b - a for a, b in zip(ends[1:], ends[2:])]  # from epoch 2: the first one warms up
-    blocked = json.loads((run_dir / "summary.json").read_text()).get("snapshot_blocked_seconds", [])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    blocked = summary.get("snapshot_blocked_seconds", [])
+    into["local_blocked"] += summary.get("local_snapshot_blocked_seconds", [])
+    for parts in summary.get("local_snapshot_part_seconds", []):
+        for part, seconds in parts.items():
+            into[f"local_{part}"].append(seconds)
     into["blocked"] += blocked
     into["first_blocked"] += blocked[:1]
     snaps = [s for s in manifest.list_snapshots(run_dir / "snapshots") if s.complete]
@@ -167,10 +182,12 @@ def main() -> int:
     configs = [("-", "off"), ("-", "off again")] if "off" in policies else []
     configs += [("save", "plain"), ("nosave", "plain")] if "plain" in policies else []
     configs += [(e, p) for e in args.engines.split(",") for p in policies if p not in ("off", "plain")]
+    if args.baseline:
+        configs += [(f"{e}@base", p) for e in args.engines.split(",") for p in args.baseline_policies.split(",")]
     results: dict[tuple[str, str], dict[str, list[float]]] = {c: defaultdict(list) for c in configs}
     for round_ in range(args.rounds):
         for engine, policy in (configs if round_ % 2 == 0 else configs[::-1]):
-            run_dir = out / f"{engine.strip('-') or 'none'}-{policy.replace(' ', '-')}-{round_}"
+            run_dir = out / f"{engine.strip('-').replace('@', '-') or 'none'}-{policy.replace(' ', '-')}-{round_}"
             shutil.rmtree(run_dir, ignore_errors=True)
             wall = run_training(args, run_dir, engine if engine != "-" else "torchsnapshot", policy.split()[0])
             measure(run_dir, results[(engine, policy)])
@@ -226,7 +243,27 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], dict[st
             if r and r["epoch"]:
                 w(f"{engine}: epoch time with policy {policy} {med(r['epoch']) / base:.3f}x none, median "
                   f"(target <= {target}x), {len(r['blocked']) / args.rounds:.0f} snapshots a run\n")
+    print_local_parts(results)
     print_total_cost(args, results)
+
+
+LOCAL_PARTS = ("staging", "engine", "fingerprints", "commit", "retention")
+
+
+def print_local_parts(results: dict[tuple[str, str], dict[str, list[float]]]) -> None:
+    """Per local snapshot: the loop's wait for it, and each part of its write (on the writer thread, off the
+    loop unless the loop waits for it), medians in seconds (summary.json of each run)."""
+    rows = [(k, r) for k, r in results.items() if r["local_blocked"]]
+    if not rows:
+        return
+    w = sys.stdout.write
+    w("\nper local snapshot, median seconds: the loop blocked (its start, waits for staging and commit), then "
+      "each part of the write\n")
+    w(f"{'engine':<14}{'policy':<11}{'n':>6}{'blocked':>9}" + "".join(f"{p:>14}" for p in LOCAL_PARTS) + "\n")
+    for (engine, policy), r in rows:
+        w(f"{engine:<14}{policy:<11}{len(r['local_blocked']):>6}{statistics.median(r['local_blocked']):>9.3f}"
+          + "".join(f"{statistics.median(r[f'local_{p}']) if r[f'local_{p}'] else float('nan'):>14.3f}"
+                    for p in LOCAL_PARTS) + "\n")
 
 
 def print_total_cost(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, list[float]]]) -> None:

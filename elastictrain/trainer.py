@@ -285,6 +285,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.checkpointer.after_optimizer_step()  # the local snapshot of this step's start is committed now
         return total
 
     @torch.no_grad()
@@ -410,7 +411,9 @@ class Trainer:
         best = self.state.best_snapshot
         summary = {"epochs": self.state.epoch, "steps": self.state.step, "best_val_loss": self.state.best_val_loss,
                    "final_model": str(path), "best_snapshot": str(self.checkpointer.root / best) if best else "",
-                   "snapshot_blocked_seconds": self.checkpointer.blocked_seconds}
+                   "snapshot_blocked_seconds": self.checkpointer.blocked_seconds,
+                   "local_snapshot_blocked_seconds": list(self.checkpointer.local_blocked_seconds),
+                   "local_snapshot_part_seconds": list(self.checkpointer.local_part_seconds)}
         self.metrics.log("event", self.state.step, event="finished", epoch=self.state.epoch)
         self.preemption.answered()
         if self.ctx.is_main:

@@ -1,6 +1,7 @@
-"""The node-local snapshot tier (issue 21): snapshots in /dev/shm every N steps, committed before the next
-optimizer step, restored when every rank can read them; bounded, private, removed at the end of the run;
-off (one log line) where there is no room; another run's local tier is never read."""
+"""The node-local snapshot tier (issue 21): snapshots in /dev/shm every N steps, written during the next step
+(which waits only for their staging copy) and committed before it counts, restored when every rank can read
+them; bounded, private, removed at the end of the run; off (one log line) where there is no room; another
+run's local tier is never read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import random
 import shutil
 import subprocess
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +19,7 @@ import pytest
 
 from elastic_util import kill_tree
 from elastictrain.snapshot import localtier, manifest
+from elastictrain.state import TrainState
 from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, load_final, read_jsonl, run_cli, tiny_args,
                      wait_for)
 
@@ -317,3 +321,83 @@ def test_a_damaged_local_snapshot_is_named_and_moved_aside_and_the_run_ends_exac
         step, where = 4, f"snapshot {run_dir / 'snapshots' / manifest.snapshot_name(1, 4)}"
     assert f"resuming from epoch 1 step {step} ({where}," in out, out[-3000:]
     assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+class HeldEngine:
+    """The real engine, whose write of a snapshot waits until the test releases it (a write slower than a step)."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine, self.go = engine, threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def write(self, *args: object) -> None:
+        assert self.go.wait(60), "never released"
+        self.engine.write(*args)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_optimizer_step_waits_for_a_local_snapshots_staging_not_its_write(tmp_path: Path, shm_base: Path,
+                                                                             engine: str) -> None:
+    """A local snapshot's write runs during the next step: the optimizer step waits only for the staging copy
+    and changes the weights while the write is held (with a short GIL switch interval meanwhile); the snapshot
+    looks complete only once written and committed, which the end of the step waits for, and restores the
+    values of its step bitwise."""
+    import torch
+
+    from elastictrain.config import CheckpointConfig
+    from elastictrain.dist import world_of_one
+    from elastictrain.snapshot import SnapshotManager
+
+    def job() -> tuple[torch.nn.Module, torch.optim.Optimizer, TrainState, dict]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        state = TrainState()
+        return model, opt, state, SnapshotManager.app_state(model, opt, sched, None, state)
+
+    cfg = CheckpointConfig(engine=engine, local_every_steps="1", local_dir=str(shm_base))
+    model, opt, state, app = job()
+    mgr = SnapshotManager(cfg, world_of_one(), tmp_path / "run", total_epochs=10)
+    assert mgr.restore_latest(app) is None and mgr.local is not None
+    x = torch.randn(32, 256)
+    try:
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        state.step = 1
+        held = mgr.local.engine = HeldEngine(mgr.local.engine)
+        assert mgr.wants_local_snapshot(state) == (True, False)
+        name = mgr.save_local(app, state, no_room=False)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        model(x).square().mean().backward()
+        waiting = threading.Thread(target=mgr.before_optimizer_step)
+        waiting.start()
+        waiting.join(10)
+        stepped = not waiting.is_alive()
+        # Beside a write, the training thread gets the GIL back quickly (saver.gil_shared).
+        shared_interval = sys.getswitchinterval()
+        held.go.set()  # whatever happened: let the write go, so nothing is left waiting
+        waiting.join()
+        assert stepped, "the optimizer step waited for the local snapshot's write, not just its staging"
+        assert manifest.read_commit(mgr.local.root / name) is None  # not complete while being written
+        opt.step()  # changes the parameters in place while the write may still be running
+        mgr.after_optimizer_step()  # the step counts only once the snapshot of its start is committed
+        snap = manifest.Snapshot.at(mgr.local.root / name)
+        assert snap.complete and snap.verify() is None
+        assert shared_interval <= 0.0005 < sys.getswitchinterval(), (shared_interval, sys.getswitchinterval())
+    finally:
+        held_engine = getattr(mgr.local, "engine", None)
+        if isinstance(held_engine, HeldEngine):
+            held_engine.go.set()
+        mgr.close()
+    model2, _, state2, app2 = job()
+    mgr2 = SnapshotManager(cfg, world_of_one(), tmp_path / "run", total_epochs=10)
+    try:
+        resumed = mgr2.restore_latest(app2)
+        assert resumed is not None and resumed.tier == "local" and state2.step == 1
+        assert_bitwise_equal(expected, model2.state_dict())
+    finally:
+        mgr2.close()

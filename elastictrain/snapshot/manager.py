@@ -23,7 +23,9 @@ the snapshot is committed, so no data is ever rewritten.
 The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RUN_ID/snapshots), every
 ``checkpoint.local_every_steps`` steps, by a second saver on its own process group (its writer thread's
 collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
-local snapshot is committed before the next optimizer step runs, so a kill loses at most one step. A restore
+local snapshot taken at a step boundary holds up the next step only for its staging copy (before the optimizer
+step); its write, fingerprints, checksums and commit run during that step, and it is committed before the
+step counts as done, so a kill redoes at most one step. A restore
 takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
 one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
 writer process (copier.py, writer.py) instead of the in-process writer thread.
@@ -36,6 +38,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,7 +55,7 @@ from elastictrain.snapshot.copier import DurableCopier
 from elastictrain.snapshot.engines import AppState, Engine, build_engine
 from elastictrain.snapshot.interval import SnapshotClock, failure_history
 from elastictrain.snapshot.restorer import Restorer, ResumeInfo
-from elastictrain.snapshot.saver import Saver
+from elastictrain.snapshot.saver import KEEP_TIMINGS, Saver
 from elastictrain.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,11 @@ class SnapshotManager:
         self.local: Saver | None = None
         """The local tier's saver (None when the tier is off); set up by restore_latest."""
         self.local_clock = SnapshotClock(**_local_interval(cfg))
+        self.local_blocked_seconds: deque[float] = deque(maxlen=KEEP_TIMINGS)
+        """Per local snapshot (the last KEEP_TIMINGS), the time the training loop waited for it: its start, its
+        staging copy (before the optimizer step) and what was left of its write when the step was done."""
+        self.local_part_seconds: deque[dict[str, float]] = deque()
+        """Per local snapshot, the seconds of each part of its write, off the loop (Saver.part_seconds)."""
         self._local_bytes = 0
         self._room_warned = False
         self._local_created = False
@@ -173,20 +181,33 @@ class SnapshotManager:
         return self._save(app_state, state, None, False, background=self.cfg.mode == "async", end_of_epoch=False)
 
     def before_optimizer_step(self) -> None:
-        """Wait until the snapshot being staged has copied what the optimizer step is about to change."""
+        """Wait until the snapshots being staged (durable, local) have copied what the optimizer step is about
+        to change; their writes go on during the step."""
         waited = self.saver.wait_for_staging()
         if waited is not None:
             self.clock.add_blocked(waited)
             if self.blocked_seconds:
                 self.blocked_seconds[-1] += waited
+        waited = self.local.wait_for_staging() if self.local is not None else None
+        if waited is not None:
+            self._local_blocked(waited)
+
+    def after_optimizer_step(self) -> None:
+        """Before the step counts as done: the local snapshot taken at its start must be committed, so a kill
+        from here on redoes at most this step. Its write ran during the forward, backward and optimizer step;
+        the loop waits only for what is left of it (nothing, when a write is shorter than a step)."""
         if self.local is not None and self.local.writing:
-            # Committed before the step changes the state: a kill from here on loses at most this one step.
             start = time.perf_counter()
             self.local.wait()
-            self.local_clock.add_blocked(time.perf_counter() - start)
+            self._local_blocked(time.perf_counter() - start)
             self.local_clock.written()
         if self.copier is not None:
             self.copier.hand_over()  # a durable snapshot waiting for this local commit goes to the writer
+
+    def _local_blocked(self, seconds: float) -> None:
+        self.local_clock.add_blocked(seconds)
+        if self.local_blocked_seconds:
+            self.local_blocked_seconds[-1] += seconds
 
     def save_now(self, app_state: AppState, state: TrainState) -> str | None:
         """A snapshot at the current step (preemption), returned once committed: its name, or None when there
@@ -247,8 +268,9 @@ class SnapshotManager:
         return due, due and not localtier.has_room(self.local.root, self._local_bytes)
 
     def save_local(self, app_state: AppState, state: TrainState, no_room: bool) -> str | None:
-        """A local snapshot at this step boundary, committed before the next optimizer step (see
-        before_optimizer_step); skipped with a warning when some rank's file system is too full."""
+        """A local snapshot at this step boundary: the next optimizer step waits for its staging copy, and it
+        is committed before that step counts as done (before_/after_optimizer_step); skipped with a warning
+        when some rank's file system is too full."""
         assert self.local is not None
         if no_room:
             if not self._room_warned and self.ctx.is_main:
@@ -267,7 +289,9 @@ class SnapshotManager:
                   "val_loss": None, "is_best": False,
                   "where": "local"}
         name = self.local.take(app_state, state, record, background=True)
-        self.local_clock.started(time.monotonic(), time.perf_counter() - start)
+        blocked = time.perf_counter() - start
+        self.local_blocked_seconds.append(blocked)
+        self.local_clock.started(time.monotonic(), blocked)
         return name
 
     def _create_local(self) -> None:
@@ -321,6 +345,7 @@ class SnapshotManager:
             ctx = dataclasses.replace(ctx, ckpt_group=dist.new_group(backend="gloo"))
         self.local = Saver(dataclasses.replace(self.cfg, keep=1, mode="async"), ctx, placement.root, self.engine,
                            self.saver.prepare, None, log_level=logging.DEBUG)
+        self.local_part_seconds = self.local.part_seconds
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size:  # one node: see copier.py
             self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults)
         if self.ctx.is_main:
