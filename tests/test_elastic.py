@@ -113,6 +113,7 @@ def preempted_offset(records: list[dict[str, Any]]) -> int:
 # ---------------------------------------------------------------------------------- node loss and return
 
 
+@pytest.mark.alone  # a timeout judged against the clock (conftest.py)
 def test_node_loss_then_a_new_node_joins(jobs: Jobs, tmp_path: Path) -> None:
     """Two agents (one worker each) under ``--nnodes 1:2`` on a file store; the node running global rank 0
     is lost (agent and worker SIGKILLed at once); the survivor continues at world size 1 from the latest
@@ -194,6 +195,7 @@ def check_loss_continuity(records: list[dict[str, Any]]) -> None:
 # -------------------------------------------------------------------------------------------------- hangs
 
 
+@pytest.mark.alone  # a timeout judged against the clock (conftest.py)
 def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
         reference_runs: dict[int, Path], jobs: Jobs, tmp_path: Path) -> None:
     """Rank 1 SIGSTOPs itself right after the epoch-1 snapshot was written (so that one is complete: its commit

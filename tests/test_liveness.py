@@ -27,6 +27,9 @@ from elastictrain.faults import FaultInjector
 from elastictrain.liveness import HANG_FLOOR_S, Judge, Progress, hang_limit
 from helpers import cli_cmd, tiny_args, wait_for
 
+# Hang and peer timeouts are judged against the clock: no second job beside them (conftest.py).
+pytestmark = pytest.mark.alone
+
 # The hang comes once the epoch-1 snapshot is written (rank 0 commits it): a stop before that could leave
 # nothing complete, and the job would start over instead of resuming (seen once the peer timeout was 5 s).
 FAULT_HANG, FAULT_STALL = "hang@saved=4:rank=1", "stall@step=6:rank=1"

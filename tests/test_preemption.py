@@ -15,6 +15,9 @@ from elastictrain.config import PreemptionConfig
 from elastictrain.preemption import Preemption
 from helpers import ROOT, base_env
 
+# Signal deadlines are judged against the clock: no second job beside them (conftest.py).
+pytestmark = pytest.mark.alone
+
 
 def test_handler_only_records_the_first_signal_and_uninstall_restores() -> None:
     before = signal.getsignal(signal.SIGUSR1)

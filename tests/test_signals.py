@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from helpers import assert_bitwise_equal, load_final, read_jsonl, run_cli, tiny_args
+
+# The second Ctrl-C is judged against the clock: no second job beside it (conftest.py).
+pytestmark = pytest.mark.alone
 
 
 def test_sigterm_to_whole_process_group_with_loader_workers(reference_runs: dict[int, Path], tmp_path: Path) -> None:
