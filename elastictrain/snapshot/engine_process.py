@@ -13,9 +13,9 @@ priority (writer.lower_priority), and dies with its rank (parent-death signal; i
 closes). Killed alone, the snapshot it was writing is lost (:class:`EngineProcessDied`): the saver removes
 its debris and the next snapshot starts a new process (from the training thread: see ensure_started).
 
-Why world size 1 only: the engines' writes are collectives over the process group (torchsnapshot's
-Snapshot.take, DCP's save), so writer processes of several ranks would need a process group of their own;
-several ranks (DDP, FSDP2's DTensors) keep the writer thread.
+Why world size 1 without a process group only: the engines' writes are collectives over the process group
+(torchsnapshot's Snapshot.take, DCP's save), so writer processes of several ranks would need a process group
+of their own; torchrun's ranks (DDP, FSDP2's DTensors, even one of them) keep the writer thread.
 """
 
 from __future__ import annotations

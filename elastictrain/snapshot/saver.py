@@ -66,12 +66,18 @@ class Saver:
         self.lost = ""
         """The snapshot lost last because its engine process died alone (it was never committed)."""
 
-    def use_engine_process(self, faults: FaultInjector | None) -> None:
+    def use_engine_process(self, faults: FaultInjector | None, shm_needed: int) -> None:
         """Write from now on in an engine process (engine_process.py), started now, where it can; else say
-        why once. ``faults``: for its test-only fault point (``sigkill@engine=N``)."""
-        why = ("several ranks: the engine's write is a collective of the training processes' group"
-               if self.ctx.world_size > 1 else
+        why once. ``faults``: for its test-only fault point (``sigkill@engine=N``). ``shm_needed``: the
+        bytes /dev/shm must have free for the shared staging buffers beside whatever else goes there (a
+        container's 64 MB /dev/shm would fail the first snapshot with a bus error)."""
+        shm = Path("/dev/shm")
+        free = shutil.disk_usage(shm).free if shm.is_dir() else None
+        why = ("a process group (torchrun): the engine's write is a collective of the training processes' "
+               "group, and FSDP2's state is DTensors" if self.ctx.distributed else
                f"the state is on {self.ctx.device.type}, staged into pinned memory" if self.ctx.device.type != "cpu"
+               else f"{shm} has {manifest.human_size(free)} free, the shared staging buffers and what else "
+                    f"goes there need {manifest.human_size(shm_needed)}" if free is not None and free < shm_needed
                else "")
         if why:
             if self.ctx.is_main:
