@@ -175,7 +175,8 @@ def _serve(engine_name: str, conn: Any, parent: int) -> None:
             parts["checksums"] = time.perf_counter() - lap
             conn.send({"complete": complete, "partial": partial, "files": files,
                        "parts": {k: round(v, 4) for k, v in parts.items()}})
-        except Exception as e:  # noqa: BLE001 - answered, and raised by the saver on every rank
+        except BaseException as e:  # noqa: BLE001 - answered, raised by the saver (DCP's CheckpointException
+            # is a BaseException: a process that ended on it would pass for one killed alone, a full disk unseen)
             conn.send({"error": f"{type(e).__name__}: {e}", "errno": getattr(e, "errno", None)})
 
 
