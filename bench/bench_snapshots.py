@@ -247,7 +247,8 @@ def print_table(args: argparse.Namespace, results: dict[tuple[str, str], dict[st
     print_total_cost(args, results)
 
 
-LOCAL_PARTS = ("staging", "engine", "fingerprints", "commit", "retention")
+LOCAL_PARTS = ("staging", "engine", "fingerprints", "process", "commit", "retention")
+"""process: the writer thread's wait for the engine process (engine_process.py), engine and fingerprints inside it."""
 
 
 def print_local_parts(results: dict[tuple[str, str], dict[str, list[float]]]) -> None:

@@ -16,6 +16,13 @@ says what there is to move off it.
 With --beside, also what a write running beside training costs a step: the median time of a training step
 alone, and beside a thread that hashes (SHA-256, as the commit does) or has the engine write the staged state
 over and over, at Python's GIL switch intervals of 5 ms (its default), 1 ms and 0.2 ms (saver.gil_shared).
+
+With --beside-process, whether a separate process would do better: in --rounds interleaved rounds, the median
+time of a training step alone (twice: the spread of two identical rows), beside the engine's write in a thread
+(0.2 ms switch interval, as the saver runs it), beside the same write done over and over by a separate
+process (nice 19, idle I/O class, as writer.py's copier runs) that reads the staged state from shared memory,
+and a step followed by one plain copy of the whole state into reused buffers: the least any snapshot every
+step can cost, a floor under the per-step target on this machine.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--base", default="/dev/shm", help="where the scratch local tier goes")
     p.add_argument("--beside", action="store_true", help="also time a step beside a write (see the module doc)")
+    p.add_argument("--beside-process", action="store_true",
+                   help="also time a step beside a write in a thread, in a process, and the floor (module doc)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --beside-process")
     return p.parse_args()
 
 
@@ -122,6 +132,9 @@ def main() -> int:
         if args.beside:
             beside = step_beside_writes(args, lambda: (loss_fn(model(image), mask).backward(), optimizer.step(),
                                                        optimizer.zero_grad(set_to_none=True)), staged, scratch, ctx)
+        if args.beside_process:
+            rounds = step_beside_process(args, lambda: (loss_fn(model(image), mask).backward(), optimizer.step(),
+                                                        optimizer.zero_grad(set_to_none=True)), staged, scratch, ctx)
     finally:
         stager.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -130,6 +143,8 @@ def main() -> int:
         print("\na training step beside a write running throughout it (median of 6 steps):")
         for what, seconds in beside.items():
             print(f"  {what:<40} {seconds:.3f} s  {seconds / beside['alone']:.2f}x")
+    if args.beside_process:
+        print_rounds(args, rounds)
     return 0
 
 
@@ -177,6 +192,134 @@ def step_beside_writes(args: argparse.Namespace, step: Any, staged: Any, scratch
     sys.setswitchinterval(default)
     result["alone again"] = median_step()
     return result
+
+
+def step_beside_process(args: argparse.Namespace, step: Any, staged: Any, scratch: Path,
+                        ctx: Any) -> dict[str, list[float]]:
+    """Per configuration, the median step time of each interleaved round (see the module doc)."""
+    shared = _tree_map(staged, lambda t: t.clone().share_memory_())
+    buffers = _tree_map(staged, torch.empty_like)
+    live = staged  # the copy's source: a tree of tensors of the state's size (which ones does not matter here)
+    engines = args.engines.split(",")
+    spawn = torch.multiprocessing.get_context("spawn")
+    stop = threading.Event()
+    workers = {}
+    for e in engines:  # started once, up front: their import of torch is not what is measured
+        go, ready = spawn.Event(), spawn.Event()
+        proc = spawn.Process(target=_process_writer, args=(e, shared, str(scratch / f"proc-{e}"), go, ready,
+                                                           os.getpid()), daemon=True)
+        proc.start()
+        workers[e] = (proc, go, ready)
+    for _, _, ready in workers.values():
+        ready.wait(120)
+
+    def median_step(run: Any = step) -> float:
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def thread_writing(engine_name: str) -> None:
+        engine, i = build_engine(engine_name), 0
+        while not stop.is_set():
+            path = scratch / f"thread-{engine_name}-{i}"
+            engine.write(path, staged, ctx)
+            shutil.rmtree(path)
+            i += 1
+
+    def beside_thread(engine_name: str) -> float:
+        stop.clear()
+        default = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
+        thread = threading.Thread(target=thread_writing, args=(engine_name,), daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        try:
+            return median_step()
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(default)
+
+    def beside_process(engine_name: str) -> float:
+        _, go, _ = workers[engine_name]
+        go.set()
+        time.sleep(0.5)
+        try:
+            return median_step()
+        finally:
+            go.clear()
+            time.sleep(0.5)  # let its write in flight end; the next row must not run beside it
+
+    def floor() -> float:
+        return median_step(lambda: (step(), _tree_copy(buffers, live)))
+
+    rows: list[tuple[str, Any]] = [("alone", median_step), ("alone, again", median_step),
+                                   ("step + one copy of the state (floor)", floor)]
+    rows += [(f"beside {e} write, thread", lambda e=e: beside_thread(e)) for e in engines]
+    rows += [(f"beside {e} write, process (nice 19)", lambda e=e: beside_process(e)) for e in engines]
+    result: dict[str, list[float]] = {what: [] for what, _ in rows}
+    try:
+        for r in range(args.rounds):
+            order = rows[r % len(rows):] + rows[:r % len(rows)]  # a different configuration first each round
+            for what, measure in order:
+                result[what].append(measure())
+    finally:
+        for proc, go, _ in workers.values():
+            go.clear()
+            proc.terminate()
+            proc.join(10)
+    return result
+
+
+def _process_writer(engine_name: str, staged: Any, base: str, go: Any, ready: Any, parent: int) -> None:
+    """In its own process: while ``go`` is set, have the engine write the shared staged state over and over."""
+    from elastictrain.snapshot.writer import die_with_parent, lower_priority
+
+    die_with_parent(parent)
+    lower_priority()
+    engine, ctx, i = build_engine(engine_name), world_of_one(), 0
+    ready.set()
+    while True:
+        if not go.wait(1.0):
+            continue
+        path = Path(base) / f"{i}"
+        engine.write(path, staged, ctx)
+        shutil.rmtree(path)
+        i += 1
+
+
+def _tree_map(tree: Any, fn: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _tree_map(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(v, fn) for v in tree)
+    return tree
+
+
+def _tree_copy(dst: Any, src: Any) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, dict):
+        for k in dst:
+            _tree_copy(dst[k], src[k])
+    elif isinstance(dst, (list, tuple)):
+        for d, s in zip(dst, src):
+            _tree_copy(d, s)
+
+
+def print_rounds(args: argparse.Namespace, rounds: dict[str, list[float]]) -> None:
+    alone = statistics.median(rounds["alone"] + rounds["alone, again"])
+    print(f"\na training step beside a write running throughout it, {args.rounds} interleaved rounds "
+          f"(each: median of 6 steps); seconds per round, and the median round against the step alone "
+          f"({alone:.3f} s, both alone rows), torch threads {torch.get_num_threads()}:")
+    for what, seconds in rounds.items():
+        each = " ".join(f"{x:.3f}" for x in seconds)
+        print(f"  {what:<46} {each:<24} {statistics.median(seconds) / alone:.2f}x")
 
 
 def print_table(args: argparse.Namespace, times: dict[str, dict[str, list[float]]]) -> None:

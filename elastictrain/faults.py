@@ -21,6 +21,9 @@ POINT  start    after start-up, before the first step of this process (N is igno
                 the writer process dies with it)
        writer   the durable writer process SIGKILLs itself after copying the first file of the snapshot at
                 step N (KIND must be sigkill: the writer alone dies, the rank goes on)
+       engine   the snapshot engine process (world size 1, CPU: snapshot/engine_process.py) SIGKILLs itself
+                right after the engine wrote the snapshot at step N, before its checksums (KIND must be
+                sigkill: the engine process alone dies, the rank goes on without that snapshot)
        restore  while restoring (N is ignored; use 0)
        validate at the start of the validation after optimizer step N
 
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("sigkill", "raise", "sigterm", "groupterm", "hang", "stall", "slow")
-POINTS = ("start", "step", "saving", "commit", "saved", "copy", "writer", "restore", "validate")
+POINTS = ("start", "step", "saving", "commit", "saved", "copy", "writer", "engine", "restore", "validate")
 _FORM = re.compile(r"^(?P<kind>\w+)@(?P<point>\w+)=(?P<n>\d+)(?::rank=(?P<rank>\d+))?"
                    r"(?::seconds=(?P<seconds>\d+(?:\.\d+)?))?$")
 

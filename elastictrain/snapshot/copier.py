@@ -117,6 +117,9 @@ class DurableCopier:
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        if self.local.lost == pending["name"]:  # its engine process died alone (saver.py said so)
+            log.warning("durable snapshot %s not written: its local snapshot was lost", pending["name"])
+            return
         assert self.local.held_step == pending["step"], (self.local.held_step, pending)
         self._copying = pending["name"]
         if self._writer is not None:

@@ -359,6 +359,10 @@ class SnapshotManager:
         (see Restorer.restore_latest for what fails how). Under ``every_minutes auto`` it also reads the
         failures this run directory has seen."""
         self._setup_local(app_state)
+        if self.cfg.mode != "off":  # started now, so that its import of torch overlaps the restore
+            # In /dev/shm: the staging buffers, and the local tier's two generations (a third while copied).
+            shm_needed = state_bytes(app_state) * (4 if self.local else 1) + localtier.SAFE_MARGIN_BYTES
+            (self.local or self.saver).use_engine_process(self.faults, shm_needed)
         found = self.restorer.restore_latest(app_state, self.local.root if self.local is not None else None)
         if self.clock.auto or (self.local is not None and self.local_clock.auto):
             self._read_failure_history()

@@ -133,17 +133,28 @@ def data_files(snapshot: Path) -> list[Path]:
     return sorted(out)
 
 
-def write_commit(snapshot: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every file (fsyncing it), then atomically write the commit record that makes it complete."""
+def write_commit(snapshot: Path, info: dict[str, Any], files: dict[str, Any] | None = None,
+                 checksum_seconds: float | None = None) -> dict[str, Any]:
+    """Checksum every file (fsyncing it), then atomically write the commit record that makes it complete.
+    ``files`` (with ``checksum_seconds``): checksums made already, by :func:`checksum_files` elsewhere (the
+    snapshot engine process)."""
     start = time.time()
-    files = {str(p.relative_to(snapshot)): {"size": p.stat().st_size, "sha256": file_digest(p, fsync=True)}
-             for p in data_files(snapshot)}
-    fsync_dir(snapshot)
+    if files is None:
+        files = checksum_files(snapshot)
+        checksum_seconds = time.time() - start
     record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
-              "checksum_seconds": round(time.time() - start, 4)}
+              "checksum_seconds": round(checksum_seconds or 0.0, 4)}
     record["record_sha256"] = record_digest(record)
     write_json_atomic(snapshot / COMMIT, record)
     return record
+
+
+def checksum_files(snapshot: Path) -> dict[str, dict[str, Any]]:
+    """Every data file's size and SHA-256, each fsynced, and the directory: the commit record's ``files``."""
+    files = {str(p.relative_to(snapshot)): {"size": p.stat().st_size, "sha256": file_digest(p, fsync=True)}
+             for p in data_files(snapshot)}
+    fsync_dir(snapshot)
+    return files
 
 
 def record_digest(record: dict[str, Any]) -> str:

@@ -1,6 +1,8 @@
 """The save side: copy the state into reused CPU buffers (the only part the training loop waits for), then a
 writer thread has the engine write the copy, fingerprints it, and rank 0 commits it (COMMIT.json, written
 last) and applies retention. One snapshot is in flight at most; its failure is raised on every rank at once.
+Where it can (world size 1, CPU: engine_process.py) the buffers are in shared memory and the engine write,
+fingerprints and checksums run in a process of their own; the writer thread waits for it and commits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.osutil import has_errno
 from elastictrain.snapshot import manifest, proof
+from elastictrain.snapshot.engine_process import EngineProcess, EngineProcessDied, SharedStager
 from elastictrain.snapshot.engines import AppState, Engine, StateDicts
 from elastictrain.snapshot.manifest import Snapshot
 from elastictrain.state import TrainState
@@ -58,6 +61,30 @@ class Saver:
         """A snapshot retention must keep for now (the local tier's, while the durable writer copies it)."""
         self.part_seconds: deque[dict[str, float]] = deque(maxlen=KEEP_TIMINGS)
         """Per snapshot written by this rank (the last KEEP_TIMINGS): the seconds of each part of its write."""
+        self._process: EngineProcess | None = None
+        self._process_faults: FaultInjector | None = None
+        self.lost = ""
+        """The snapshot lost last because its engine process died alone (it was never committed)."""
+
+    def use_engine_process(self, faults: FaultInjector | None, shm_needed: int) -> None:
+        """Write from now on in an engine process (engine_process.py), started now, where it can; else say
+        why once. ``faults``: for its test-only fault point (``sigkill@engine=N``). ``shm_needed``: the
+        bytes /dev/shm must have free for the shared staging buffers beside whatever else goes there (a
+        container's 64 MB /dev/shm would fail the first snapshot with a bus error)."""
+        shm = Path("/dev/shm")
+        free = shutil.disk_usage(shm).free if shm.is_dir() else None
+        why = ("a process group (torchrun): the engine's write is a collective of the training processes' "
+               "group, and FSDP2's state is DTensors" if self.ctx.distributed else
+               f"the state is on {self.ctx.device.type}, staged into pinned memory" if self.ctx.device.type != "cpu"
+               else f"{shm} has {manifest.human_size(free)} free, the shared staging buffers and what else "
+                    f"goes there need {manifest.human_size(shm_needed)}" if free is not None and free < shm_needed
+               else "")
+        if why:
+            if self.ctx.is_main:
+                log.info("snapshots of %s written by a thread of the training process (%s)", self.root, why)
+            return
+        self._process, self._process_faults = EngineProcess(self.engine.name), faults
+        self._process.ensure_started()
 
     @property
     def writing(self) -> bool:
@@ -78,6 +105,8 @@ class Saver:
         on_main_together(self.ctx, lambda: self._clear_target(path))
         if self.prepare is not None:
             self.prepare()
+        if self._process is not None:
+            self._process.ensure_started()  # a new one after one died alone
         info = {"name": name, "id": uuid.uuid4().hex, "engine": self.engine.name, "epoch": state.epoch,
                 "step": state.step, "sample_offset": state.sample_offset, "world_size": self.ctx.world_size,
                 **record, "started_at": time.time()}
@@ -113,6 +142,8 @@ class Saver:
         step's forward and backward run: what a forward changes (buffers) is copied here first, and the next
         optimizer step waits for the rest (:meth:`wait_for_staging`)."""
         background = self.cfg.mode == "async"
+        if self._stager is None and self._process is not None:
+            self._stager = SharedStager(background)
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -152,10 +183,20 @@ class Saver:
             if isinstance(staged, Future):
                 staged = staged.result()
             timed("staging")
-            self.engine.write(path, staged, self.ctx)
-            timed("engine")
-            complete, partial = proof.local_record(staged)
-            timed("fingerprints")
+            files: dict[str, Any] | None = None
+            if self._process is not None:
+                done = self._write_in_process(path, staged, info["step"])
+                if done is None:
+                    return
+                complete, partial, files = done["complete"], done["partial"], done["files"]
+                parts.update(engine=done["parts"]["engine"], fingerprints=done["parts"]["fingerprints"])
+                info["checksum_seconds"] = done["parts"]["checksums"]
+                timed("process")
+            else:
+                self.engine.write(path, staged, self.ctx)
+                timed("engine")
+                complete, partial = proof.local_record(staged)
+                timed("fingerprints")
             # Also the proof that every rank wrote this same snapshot (a rank that decided otherwise would have
             # written another one): the gather has every rank's step.
             gathered = all_gather_object(self.ctx, (info["step"], partial), group=self.ctx.ckpt_group)
@@ -167,8 +208,9 @@ class Saver:
             if self.ctx.is_main:
                 # What the benchmark reads back: from the save call to the engine's last byte written.
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
+                seconds = info.pop("checksum_seconds", None)
                 record = manifest.write_commit(path, {**info, "rank_steps": steps,
-                                                      "entries": proof.combine(complete, partials)})
+                                                      "entries": proof.combine(complete, partials)}, files, seconds)
                 timed("commit")
                 log.log(self.log_level, "snapshot %s committed (%s, %d files, %s, checksums %.2fs)", path.name, info["tier"],
                          len(record["files"]), manifest.human_size(Snapshot(path, record).size),
@@ -180,6 +222,20 @@ class Saver:
                 self.faults.maybe_fire("saved", info["step"])
         except BaseException as e:  # surfaced by wait() on the training thread, on every rank
             self._error = self._disk_full(path, e) or e
+
+    def _write_in_process(self, path: Path, staged: StateDicts, step: int) -> dict[str, Any] | None:
+        """The engine process's answer; None when it died alone (world size 1): this snapshot is lost, its
+        debris removed, and the next one starts a new process."""
+        assert self._process is not None
+        fault = self._process_faults.claim("engine", step) if self._process_faults else None
+        try:
+            return self._process.write(path, staged, fault)
+        except EngineProcessDied as e:
+            log.warning("snapshot %s not written: %s; it stays incomplete (removed), a new engine process takes "
+                        "the next one", path, e)
+            manifest.remove_if_uncommitted(path)
+            self.lost, self.held_step = path.name, -1
+            return None
 
     def _disk_full(self, path: Path, error: BaseException) -> UserError | None:
         """The user's error for a write that failed on a full disk, else None. torchrun would restart into the
@@ -229,6 +285,8 @@ class Saver:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self._process is not None:
+            self._process.close()
 
 
 KEEP_TIMINGS = 1000
