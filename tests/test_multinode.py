@@ -49,8 +49,9 @@ LIVENESS_WINDOW_S = 150  # far below it: the liveness heartbeats must end the lo
 
 def test_hosts_script_makes_and_removes_exactly_its_hosts(tmp_path: Path) -> None:
     """Two hosts with their own names and addresses that reach each other by name; a downed link cuts
-    them apart and an upped one joins them again; `up` twice changes nothing; a namespace that is not
-    ours is refused and survives `down`; after `down` (twice) nothing of the set is left."""
+    them apart and an upped one joins them again; each has its own /dev/shm, kept from one command to the
+    next until `wipe`; `up` twice changes nothing; a namespace that is not ours is refused and survives
+    `down`; after `down` (twice) nothing of the set is left."""
     require_root("test hosts")
     foreign = "hz2"  # stands for somebody else's namespace that happens to carry a name we would use
     names = ["hy1", "hy2"]
@@ -69,6 +70,11 @@ def test_hosts_script_makes_and_removes_exactly_its_hosts(tmp_path: Path) -> Non
         assert "timed out" in talk("hy1", "hy2", timeout=1)
         hosts("link", "hy2", "up")
         assert talk("hy1", "hy2") == "hy1 -> hy2"
+        run_on("hy1", "sh", "-c", "echo memory > /dev/shm/et-test")
+        assert run_on("hy1", "cat", "/dev/shm/et-test") == "memory\n"  # kept between commands
+        assert run_on("hy2", "ls", "/dev/shm") == "" and not Path("/dev/shm/et-test").exists()  # its own
+        hosts("wipe", "hy1")
+        assert run_on("hy1", "ls", "/dev/shm") == ""
         refused = hosts("up", "hz", "2", check=False)
         assert refused.returncode == 1 and "hz2 exists but is not ours" in refused.stderr
         assert not leftovers("hz", ["hz1"]) and Path(f"/run/netns/{foreign}").exists()
