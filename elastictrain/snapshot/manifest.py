@@ -139,10 +139,16 @@ def write_commit(snapshot: Path, info: dict[str, Any]) -> dict[str, Any]:
     files = {str(p.relative_to(snapshot)): {"size": p.stat().st_size, "sha256": file_digest(p, fsync=True)}
              for p in data_files(snapshot)}
     fsync_dir(snapshot)
+    record = commit_record(info, files, start)
+    write_json_atomic(snapshot / COMMIT, record)
+    return record
+
+
+def commit_record(info: dict[str, Any], files: dict[str, dict[str, Any]], start: float) -> dict[str, Any]:
+    """The commit record of a snapshot with ``files`` (checksummed since ``start``), sealed by its own digest."""
     record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
               "checksum_seconds": round(time.time() - start, 4)}
     record["record_sha256"] = record_digest(record)
-    write_json_atomic(snapshot / COMMIT, record)
     return record
 
 
