@@ -25,7 +25,8 @@ The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RU
 collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
 local snapshot taken at a step boundary holds up the next step only for its staging copy (before the optimizer
 step); its write, fingerprints, checksums and commit run during that step, and it is committed before the
-step counts as done, so a kill redoes at most one step. A restore
+step counts as done, so a kill redoes at most one step. On several nodes every node gets a whole copy of
+each local snapshot, and a node lacking the newest one receives it at a restore (nodecopy.py). A restore
 takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
 one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
 writer process (copier.py, writer.py) instead of the in-process writer thread.

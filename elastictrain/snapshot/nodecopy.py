@@ -96,29 +96,34 @@ def share(path: Path, nodes: Nodes) -> tuple[Files, str | None]:
     """Node leaders (collective on their group): send this node's files of snapshot ``path`` to every other
     node, receive theirs; (every file of the snapshot, the first problem or None). A receiver that fails
     keeps taking part (discarding), so no sender waits on it; the problem is agreed on afterwards."""
-    own = hash_files(path)
-    everything: Files = dict(own)
     problem: str | None = None
+    try:
+        own = hash_files(path)
+    except OSError as e:  # still take part: the others would wait for this node's files
+        own, problem = {}, f"{path}: {e}"
+    everything: Files = dict(own)
     for src in nodes.leaders:
         box = [own if src == nodes.rank else None]
         _broadcast_object(box, src, nodes)
         theirs: Files = box[0]
         for rel in sorted(theirs):
             entry = theirs[rel]
-            if src != nodes.rank and rel in everything and everything[rel] != entry:
+            had = rel in everything
+            if src != nodes.rank and had and everything[rel] != entry:
                 problem = problem or f"{path / rel}: written differently on two nodes"
             everything.setdefault(rel, entry)
-            keep = src != nodes.rank and rel not in own
+            keep = src != nodes.rank and not had
             problem = _transfer(path, rel, entry, src, nodes, write=keep and problem is None) or problem
     problems = [p for p in all_gather_object(_leader_ctx(nodes), problem, group=nodes.group) if p]
     return everything, (problems[0] if problems else None)
 
 
-def send_snapshot(root: Path, name: str, src: int, nodes: Nodes) -> tuple[int, str | None]:
+def send_snapshot(root: Path, name: str, src: int, nodes: Nodes,
+                  make_tier: Callable[[], None]) -> tuple[int, str | None]:
     """Node leaders (collective on their group): leader ``src`` sends its complete local snapshot ``name``
-    (its files, then its commit record) to every leader that lacks it; a receiver writes the files into
-    ROOT/NAME, checks each against the record, and writes the record last. (bytes sent, the first problem
-    among the receivers or None)."""
+    (its files, then its commit record) to every leader that lacks it; a receiver makes its tier
+    (``make_tier``: owner-only, with its owner record), writes the files into ROOT/NAME, checks each against
+    the record, and writes the record last. (bytes sent, the first problem among the receivers or None)."""
     path = root / name
     box = [manifest.read_commit(path) if src == nodes.rank else None]
     _broadcast_object(box, src, nodes)
@@ -126,8 +131,12 @@ def send_snapshot(root: Path, name: str, src: int, nodes: Nodes) -> tuple[int, s
     wants = src != nodes.rank and manifest.read_commit(path) is None
     problem = None
     if wants:
-        manifest.make_room(path)  # debris of a cut-off copy goes; a damaged one is moved aside
-        path.mkdir(parents=True)
+        try:
+            make_tier()
+            manifest.make_room(path)  # debris of a cut-off copy goes; a damaged one is moved aside
+            path.mkdir()
+        except (OSError, RuntimeError) as e:  # still take part: the sender waits for every receiver
+            problem, wants = f"{path}: {e}", False
     for rel in sorted(record["files"]):
         problem = _transfer(path, rel, record["files"][rel], src, nodes, write=wants and problem is None) or problem
     if wants and problem is None:
@@ -210,9 +219,9 @@ def _leader_ctx(nodes: Nodes) -> DistContext:
     return DistContext(nodes.leaders.index(nodes.rank), len(nodes.leaders), 0, torch.device("cpu"), "gloo")
 
 
-def timed_send(root: Path, name: str, src: int, nodes: Nodes) -> dict[str, Any]:
+def timed_send(root: Path, name: str, src: int, nodes: Nodes, make_tier: Callable[[], None]) -> dict[str, Any]:
     """:func:`send_snapshot`, with what the resume event says about it."""
     start = time.perf_counter()
-    sent, problem = send_snapshot(root, name, src, nodes)
+    sent, problem = send_snapshot(root, name, src, nodes, make_tier)
     return {"from_rank": src, "from_host": nodes.hosts[src], "bytes": sent,
             "seconds": round(time.perf_counter() - start, 3), "problem": problem}

@@ -141,7 +141,8 @@ class Restorer:
         src = nodes.leader_of(next(r for r, view in enumerate(views) if best in view))
         name = manifest.snapshot_name(held[best][1], held[best][0])
         if nodes.is_leader:
-            transfer = nodecopy.timed_send(root, name, src, nodes)
+            # A replaced node's memory holds no tier yet: made as before a first snapshot (owner-only, owned).
+            transfer = nodecopy.timed_send(root, name, src, nodes, lambda: localtier.create(root, self.root.parent))
             if self.ctx.is_main:
                 to = sorted({nodes.hosts[r] for r in lacking})
                 problem = transfer.pop("problem")
