@@ -101,7 +101,11 @@ class Restorer:
                 if self.cfg.resume_from and snap.path.resolve() == Path(self.cfg.resume_from).resolve():
                     raise UserError(f"--checkpoint.resume_from: {snap.path}: {e}") from None  # the user's: not moved
                 touched, reason = str(snap.path), str(e)
-                on_main_together(self.ctx, lambda: discovery.move_aside(snap.path, "damaged", reason))
+                if local is not None and self.nodes is not None:  # every node's copy, or it would be sent back
+                    nodecopy.on_leaders_together(self.ctx, self.nodes, lambda: snap.path.exists() and
+                                                 discovery.move_aside(snap.path, "damaged", reason))
+                else:
+                    on_main_together(self.ctx, lambda: discovery.move_aside(snap.path, "damaged", reason))
 
     def _agreed_local(self, root: Path, durable: discovery.Choice | None) -> Snapshot | None:
         """The newest local snapshot that every rank sees complete, if it is at least as new as the durable
