@@ -132,14 +132,17 @@ class Trainer:
         if resumed is None:
             return None
         env = launcher()
-        log.info("resuming from epoch %d step %d (%ssnapshot %s, taken at world size %d, now %d)",
+        got = resumed.transfer
+        log.info("resuming from epoch %d step %d (%ssnapshot %s%s, taken at world size %d, now %d)",
                  resumed.epoch, resumed.step, "local " if resumed.tier == "local" else "", resumed.path,
+                 f", copied from rank {got['from_rank']} on host {got['from_host']}" if got else "",
                  resumed.world_size, self.ctx.world_size)
         return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": self.state.sample_offset,
                 "snapshot": str(resumed.path), "tier": resumed.tier, "world_size": self.ctx.world_size,
                 "previous_world_size": resumed.world_size, "attempt": env.torchrun_restarts,
                 "restart_count": env.slurm_restarts,
-                **({"data_changed": self.data_changed} if self.data_changed else {})}
+                **({"data_changed": self.data_changed} if self.data_changed else {}),
+                **({"transfer": resumed.transfer} if resumed.transfer else {})}
 
     def _save_run_config(self, at_start: bool) -> None:
         """Rank 0: RUN_DIR/config.yaml, what `elastictrain predict` rebuilds the model of final_model.pt from.

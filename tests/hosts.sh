@@ -9,6 +9,7 @@
 #   tests/hosts.sh exec HOST CMD...  run CMD on HOST: its network, its hostname, its /etc/hosts
 #   tests/hosts.sh link HOST down|up take HOST's link down (a partition: its processes live on) or back up
 #   tests/hosts.sh kill HOST         SIGKILL every process on HOST (a machine that died)
+#   tests/hosts.sh wipe HOST         empty HOST's /dev/shm (its memory: a replaced machine; kill HOST first)
 #   tests/hosts.sh pids HOST         the processes on HOST, one pid a line
 #   tests/hosts.sh addr HOST         HOST's address
 #   tests/hosts.sh status [SET]      the sets, their hosts, links and process counts; exit 1 if SET is not up
@@ -19,8 +20,10 @@
 #   10.213.K.i/24, lo up, no default route. Traffic can reach the set's own subnet only: nothing outside this
 #   machine. The root namespace reaches the hosts through the bridge address (SLURM clients run there).
 # `exec` enters the host's network and UTS namespaces and a private mount namespace in which the set's hosts
-# file is bind-mounted over /etc/hosts and a resolv.conf naming only 127.0.0.1 over /etc/resolv.conf (the rest of the file system is shared, as on a cluster with one shared
-# file system). What `up` made is recorded in $HOSTS_DIR/SET/ (default /run/elastictrain-hosts: the hosts
+# file is bind-mounted over /etc/hosts, a resolv.conf naming only 127.0.0.1 over /etc/resolv.conf, and the host's
+# own memory, $HOSTS_DIR/SET/shm-HOST (mode 1777, kept from one exec to the next), over /dev/shm: node-local
+# files are each host's own, as on separate machines (the rest of the file system is shared, as on a cluster
+# with one shared file system). What `up` made is recorded in $HOSTS_DIR/SET/ (default /run/elastictrain-hosts: the hosts
 # file, the UTS namespaces) and every link carries the alias "elastictrain-hosts:SET"; `down` removes only
 # recorded namespaces and links with that alias. Nothing is written outside $HOSTS_DIR. Needs root.
 set -euo pipefail
@@ -118,6 +121,8 @@ do_up() {
         ip -n "$host" link set lo up
         ip -n "$host" link set eth0 up
         ip link set "etv-$host" up
+        mkdir -p "$dir/shm-$host"
+        chmod 1777 "$dir/shm-$host"
         if [[ ! -f $dir/$host.uts ]]; then
             touch "$dir/$host.uts"
             unshare --uts="$dir/$host.uts" hostname "$host"
@@ -184,7 +189,14 @@ do_exec() {
     exec nsenter --net="/run/netns/$host" --uts="$HOSTS_DIR/$set/$host.uts" -- \
         unshare --mount --propagation slave -- \
         /bin/sh -c 'mount --bind "$0/etc-hosts" /etc/hosts && mount --bind "$0/resolv.conf" /etc/resolv.conf &&
-                    exec "$@"' "$HOSTS_DIR/$set" "$@"
+                    mount --bind "$0/shm-$1" /dev/shm && shift && exec "$@"' "$HOSTS_DIR/$set" "$host" "$@"
+}
+
+do_wipe() {
+    local host=$1 set
+    set=$(set_of "$host")
+    [[ -z $(ip netns pids "$host" 2>/dev/null) ]] || die "host $host still runs processes: tests/hosts.sh kill $host first"
+    find "$HOSTS_DIR/$set/shm-$host" -mindepth 1 -delete
 }
 
 do_link() {
@@ -227,6 +239,7 @@ case $ACTION in
     exec) need_root; do_exec "${1:?usage: exec HOST CMD...}" "${@:2}" ;;
     link) need_root; do_link "${1:?usage: link HOST down|up}" "${2:-}" ;;
     kill) need_root; set_of "${1:?usage: kill HOST}" >/dev/null; kill_host "$1" ;;
+    wipe) need_root; do_wipe "${1:?usage: wipe HOST}" ;;
     pids) set_of "${1:?usage: pids HOST}" >/dev/null; ip netns pids "$1" ;;
     addr) set=$(set_of "${1:?usage: addr HOST}"); grep "^$1 " "$HOSTS_DIR/$set/hosts" | cut -d' ' -f2 ;;
     status) do_status "${1:-}" ;;

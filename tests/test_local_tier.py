@@ -20,8 +20,8 @@ import pytest
 from elastic_util import kill_tree
 from elastictrain.snapshot import localtier, manifest
 from elastictrain.state import TrainState
-from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, load_final, read_jsonl, run_cli, tiny_args,
-                     wait_for)
+from helpers import (ROOT, assert_bitwise_equal, base_env, cli_cmd, load_final, read_jsonl, run_cli,
+                     run_script_under_torchrun, tiny_args, wait_for)
 
 ENGINES = ["torchsnapshot", "dcp"]
 STEPS_PER_EPOCH = 4  # configs/tiny.yaml: 32 samples, batch 8
@@ -437,3 +437,80 @@ def test_durable_snapshots_without_a_local_tier_come_from_the_engine_process(ref
     assert_no_false_complete(run_dir)
     assert [s.name for s in durable_snapshots(run_dir)] == ["epoch00003-step00000012", "epoch00002-step00000008"]
     assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+
+
+_NODE_COPIES = """
+import os, shutil, sys
+from datetime import timedelta
+from pathlib import Path
+import torch.distributed as dist
+from elastictrain.snapshot import localtier, manifest, nodecopy
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank = dist.get_rank()
+nodecopy.CHUNK_BYTES = 64 * 1024  # several chunks a file
+# Two "nodes" with one rank each, each with its own directory: what two hosts' /dev/shm are.
+nodes = nodecopy.Nodes(rank, ["node-a", "node-b"], [0, 1], dist.new_group(ranks=[0, 1], backend="gloo"))
+tmp = Path(sys.argv[1])
+run_dir, root = tmp / "run", tmp / f"node{rank}" / "tier" / "snapshots"
+out = open(tmp / f"rank{rank}.txt", "w")
+localtier.create(root, run_dir)  # as before a first local snapshot
+
+
+def write(path, rel, data):
+    (path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (path / rel).write_bytes(data)
+
+
+snap = root / "epoch00001-step00000004"
+write(snap, f"{rank}/data", bytes([rank + 1]) * (100_000 * (rank + 1)))
+write(snap, "replicated/same", b"same on both nodes" * 10_000)
+if rank == 0:
+    write(snap, ".metadata", b"the engine's metadata")  # what DCP's rank 0 writes
+files, problem = nodecopy.share(snap, nodes)
+out.write(f"shared {sorted(files)} {problem}\\n")
+record = nodecopy.broadcast_record(manifest.commit_record({"name": snap.name, "engine": "dcp", "tier": "rolling",
+                                                           "epoch": 1, "step": 4}, files, 0.0) if rank == 0 else None, nodes)
+nodecopy.commit_copy(snap, record)
+out.write(f"committed {manifest.Snapshot.at(snap).verify()}\\n")
+
+clash = root / "epoch00001-step00000005"
+write(clash, "replicated/same", f"rank {rank}".encode())
+out.write(f"clash {nodecopy.share(clash, nodes)[1]}\\n")
+
+if rank == 1:  # a replaced node: empty memory
+    shutil.rmtree(tmp / "node1")
+sent, problem = nodecopy.send_snapshot(root, snap.name, 0, nodes, lambda: localtier.create(root, run_dir))
+mode = oct((tmp / f"node{rank}" / "tier").stat().st_mode & 0o777)
+out.write(f"sent {sent} {problem} {manifest.Snapshot.at(snap).verify()} {mode}\\n")
+
+if rank == 0:  # changed in memory after its commit (same size)
+    (snap / "0/data").write_bytes(b"x" * 100_000)
+else:
+    shutil.rmtree(snap)
+sent, problem = nodecopy.send_snapshot(root, snap.name, 0, nodes, lambda: None)
+out.write(f"damaged {problem} {manifest.read_commit(snap) is not None}\\n")
+out.close()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_node_copies_are_whole_checked_and_complete_only_when_whole(tmp_path: Path) -> None:
+    """Two nodes (two ranks, each with its own directory) exchange their files of a snapshot (several chunks
+    a file): both then hold every file, and both commit the same record; a file written differently on two
+    nodes is refused on both; a node that lost its memory receives the committed snapshot (its tier made
+    owner-only); a source whose bytes changed after the commit is refused by the receiver, which then has no
+    commit record (its copy never looks complete)."""
+    script = tmp_path / "node_copies.py"
+    script.write_text(_NODE_COPIES)
+    result = run_script_under_torchrun(script, [str(tmp_path)], timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    for rank, lines in enumerate(said):
+        assert lines[0] == "shared ['.metadata', '0/data', '1/data', 'replicated/same'] None", said
+        assert lines[1] == "committed None", said
+        assert lines[2].startswith("clash ") and "written differently on two nodes" in lines[2], said
+        assert lines[3] == "sent 480021 None None 0o700", said
+        assert lines[4].startswith("damaged ") and "received bytes differ from the sender's checksum" in lines[4], said
+        assert lines[4].endswith(" True" if rank == 0 else " False"), said

@@ -52,8 +52,9 @@ LIVENESS_WINDOW_S = 150  # far below it: the liveness heartbeats must end the lo
 
 def test_hosts_script_makes_and_removes_exactly_its_hosts(tmp_path: Path) -> None:
     """Two hosts with their own names and addresses that reach each other by name; a downed link cuts
-    them apart and an upped one joins them again; `up` twice changes nothing; a namespace that is not
-    ours is refused and survives `down`; after `down` (twice) nothing of the set is left."""
+    them apart and an upped one joins them again; each has its own /dev/shm, kept from one command to the
+    next until `wipe`; `up` twice changes nothing; a namespace that is not ours is refused and survives
+    `down`; after `down` (twice) nothing of the set is left."""
     require_root("test hosts")
     foreign = "hz2"  # stands for somebody else's namespace that happens to carry a name we would use
     names = ["hy1", "hy2"]
@@ -72,6 +73,11 @@ def test_hosts_script_makes_and_removes_exactly_its_hosts(tmp_path: Path) -> Non
         assert "timed out" in talk("hy1", "hy2", timeout=1)
         hosts("link", "hy2", "up")
         assert talk("hy1", "hy2") == "hy1 -> hy2"
+        run_on("hy1", "sh", "-c", "echo memory > /dev/shm/et-test")
+        assert run_on("hy1", "cat", "/dev/shm/et-test") == "memory\n"  # kept between commands
+        assert run_on("hy2", "ls", "/dev/shm") == "" and not Path("/dev/shm/et-test").exists()  # its own
+        hosts("wipe", "hy1")
+        assert run_on("hy1", "ls", "/dev/shm") == ""
         refused = hosts("up", "hz", "2", check=False)
         assert refused.returncode == 1 and "hz2 exists but is not ours" in refused.stderr
         assert not leftovers("hz", ["hz1"]) and Path(f"/run/netns/{foreign}").exists()
@@ -273,19 +279,23 @@ def three_hosts() -> Iterator[list[str]]:
 
 @pytest.fixture
 def cross_host(three_hosts: list[str], tmp_path: Path) -> Iterator[Callable[..., dict[str, Any]]]:
-    """``start(run_dir, *trainer flags)``: a c10d store on tr3 (`multi_node.sh store`), then
-    `launch/multi_node.sh` on tr1 and tr2; returns the agents by host. Every process on the hosts is
-    killed at teardown, and every link is up again."""
+    """``start(run_dir, *trainer flags, on=("tr1", "tr2"), nnodes="1:2")``: a c10d store on tr3 (`multi_node.sh
+    store`, at the first call), then `launch/multi_node.sh` on each host of ``on`` (a later call: an agent of
+    the same job, as on a replaced machine); returns the agents by host. Every process on the hosts is killed
+    at teardown, and every link is up again."""
     jobs = Jobs(tmp_path)
+    job: dict[str, str] = {}
 
-    def start(run_dir: Path, *extra: str) -> dict[str, Any]:
-        port, rdzv_id = 29400, uuid.uuid4().hex[:12]
-        jobs.start(on_host("tr3", ["bash", "launch/multi_node.sh", "store", str(port)]), "store",
-                   PYTHON=sys.executable)
-        env = {"PYTHON": sys.executable, "RDZV_ENDPOINT": f"tr3:{port}", "RDZV_ID": rdzv_id, "NNODES": "1:2",
+    def start(run_dir: Path, *extra: str, on: tuple[str, ...] = ("tr1", "tr2"), nnodes: str = "1:2") -> dict[str, Any]:
+        port = 29400
+        if not job:
+            job["rdzv_id"] = uuid.uuid4().hex[:12]
+            jobs.start(on_host("tr3", ["bash", "launch/multi_node.sh", "store", str(port)]), "store",
+                       PYTHON=sys.executable)
+        env = {"PYTHON": sys.executable, "RDZV_ENDPOINT": f"tr3:{port}", "RDZV_ID": job["rdzv_id"], "NNODES": nnodes,
                "NPROC": "1", "SHUTDOWN_TIMEOUT": "5", "RDZV_CONF": RDZV_CONF}
-        return {h: jobs.start(on_host(h, ["bash", "launch/multi_node.sh", *tiny_args(run_dir, *extra)]), h, **env)
-                for h in ("tr1", "tr2")}
+        return {h: jobs.start(on_host(h, ["bash", "launch/multi_node.sh", *tiny_args(run_dir, *extra)]),
+                              h, **env) for h in on}
 
     try:
         yield start
@@ -318,17 +328,21 @@ def wait_committed(run_dir: Path) -> None:
              "the epoch-1 snapshot committed")
 
 
-def training_on_two_hosts(cross_host: Callable[..., dict[str, Any]],
-                          run_dir: Path) -> tuple[dict[str, Any], str, str, int]:
+def training_on_two_hosts(cross_host: Callable[..., dict[str, Any]], run_dir: Path,
+                          *extra: str) -> tuple[dict[str, Any], str, str, int]:
     """Agents on tr1 and tr2 past step 6 at world size 2, the epoch-1 snapshot committed: (the agents, the host
     of rank 0, the other host, the newest committed step). The DEFAULT --dist.timeout_s (300 s): the
     liveness heartbeats (elastictrain/liveness.py) must notice a lost host, not the collective timeout."""
-    agents = cross_host(run_dir, "--epochs", "8")
+    agents = cross_host(run_dir, "--epochs", "8", *extra)
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["world_size"] == 2 and r["step"] >= 6, 300,
                     "step 6 at world size 2", agents["tr2"])
     wait_committed(run_dir)
     rank0 = host_of_rank0()
     return agents, rank0, "tr2" if rank0 == "tr1" else "tr1", committed_steps(run_dir)[-1]
+
+
+KILLED_HOST_RUNS = {"store": ("--dist.strategy", "fsdp"), "peer": ("--checkpoint.engine", "dcp")}
+"""Both engines and both strategies in the two cases: FSDP2 with torchsnapshot, DDP with DCP."""
 
 
 @pytest.mark.slow
@@ -337,9 +351,12 @@ def test_torchrun_across_hosts_survives_a_killed_host(cross_host, tmp_path: Path
     """A host dies mid-run (link cut, then its processes killed: no FIN); the other continues at world size 1
     and finishes, with the default collective timeout. ``store``: the host of rank 0, whose worker hosts the
     job's c10d store: the survivor names the store. ``peer``: the other host: the survivor names its rank,
-    host and silence."""
+    host and silence. A local snapshot every step: each host holds a whole copy of it in its own memory (also
+    of the lost host's FSDP2 shards), so the survivor continues from its local copy, at most one step back,
+    not from the older durable one."""
     run_dir = tmp_path / "run"
-    agents, rank0, rank1, latest = training_on_two_hosts(cross_host, run_dir)
+    agents, rank0, rank1, latest = training_on_two_hosts(cross_host, run_dir, "--checkpoint.local_every_steps", "1",
+                                                         *KILLED_HOST_RUNS[which])
     lost, survivor = (rank0, rank1) if which == "store" else (rank1, rank0)
     fail_host(lost)
     failed = time.time()
@@ -350,11 +367,45 @@ def test_torchrun_across_hosts_survives_a_killed_host(cross_host, tmp_path: Path
     records = read_records(run_dir)
     resume = events(records, "resume")[-1]
     assert (resume["previous_world_size"], resume["world_size"]) == (2, 1) and resume["step"] >= latest, resume
+    before = max(r["step"] for r in train_records(records) if r["world_size"] == 2)
+    assert resume["tier"] == "local" and resume["step"] >= before - 1 and "transfer" not in resume, (before, resume)
     check_sample_offsets(records)
     first = first_step_after(records, resume)
     assert first["time"] - failed < DEFAULT_TIMEOUT_S / 3
     print(f"\ntorchrun, killed host ({which}): {lost} failed; first step at world size 1 on {survivor} "
           f"{first['time'] - failed:.1f}s later")
+
+
+@pytest.mark.slow
+def test_torchrun_across_hosts_replaced_host_gets_the_local_snapshot_from_its_peer(
+        cross_host, reference_runs: dict[int, Path], tmp_path: Path) -> None:
+    """A fixed two-node job (NNODES=2), a local snapshot every step. The host without rank 0 dies and comes
+    back with empty memory (a replaced machine: `hosts.sh wipe`); its new agent joins, and the world of two
+    continues from the newest local snapshot, which the replaced host received from its peer (not from the
+    older durable one), and ends bitwise equal to the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    agents = cross_host(run_dir, "--checkpoint.local_every_steps", "1", nnodes="2")
+    wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["step"] >= 6, 300, "step 6", agents["tr2"])
+    survivor = host_of_rank0()
+    lost = "tr2" if survivor == "tr1" else "tr1"
+    fail_host(lost)
+    hosts("wipe", lost)
+    hosts("link", lost, "up")
+    failed = time.time()
+    agents.update(cross_host(run_dir, "--checkpoint.local_every_steps", "1", on=(lost,), nnodes="2"))
+    assert agents[survivor].wait(LIVENESS_WINDOW_S) == 0 and agents[lost].wait(60) == 0
+    records = read_records(run_dir)
+    (resume,) = events(records, "resume")
+    before = max(r["step"] for r in train_records(records) if r["time"] < failed)
+    assert resume["tier"] == "local" and resume["world_size"] == 2 and resume["step"] >= before - 1, (before, resume)
+    assert resume["transfer"]["from_host"] == survivor and resume["transfer"]["bytes"] > 0, resume
+    assert f"copied from rank {resume['transfer']['from_rank']} on host {survivor} to {lost}" in \
+        (run_dir / "train.log").read_text()
+    check_sample_offsets(records)
+    assert_bitwise_equal(load_final(run_dir), load_final(reference_runs[2]))
+    print(f"\ntorchrun, replaced host: {lost} replaced; it received {resume['transfer']['bytes']} bytes in "
+          f"{resume['transfer']['seconds']}s; first step {first_step_after(records, resume)['time'] - failed:.1f}s "
+          f"after the failure")
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RU
 collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
 local snapshot taken at a step boundary holds up the next step only for its staging copy (before the optimizer
 step); its write, fingerprints, checksums and commit run during that step, and it is committed before the
-step counts as done, so a kill redoes at most one step. A restore
+step counts as done, so a kill redoes at most one step. On several nodes every node gets a whole copy of
+each local snapshot, and a node lacking the newest one receives it at a restore (nodecopy.py). A restore
 takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
 one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
 writer process (copier.py, writer.py) instead of the in-process writer thread.
@@ -49,7 +50,7 @@ from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together, raise_together
 from elastictrain.faults import FaultInjector
 from elastictrain.runlog import METRICS_FILE, read_metrics
-from elastictrain.snapshot import localtier, manifest
+from elastictrain.snapshot import localtier, manifest, nodecopy
 from elastictrain.snapshot.appstate import build_app_state
 from elastictrain.snapshot.copier import DurableCopier
 from elastictrain.snapshot.engines import AppState, Engine, build_engine
@@ -323,11 +324,15 @@ class SnapshotManager:
                "--checkpoint.local_every_steps 0" if self.cfg.local_every_steps == "0" else
                "--checkpoint.local_dir none" if self.cfg.local_dir == "none" else "")
         placement = localtier.Placement(None, why)
+        nodes = None
         if not why:
             tier_id = on_main_together(self.ctx, lambda: localtier.run_id(self.run_dir))
             self._local_bytes = state_bytes(app_state)
-            placement = localtier.place(self.cfg.local_dir, self.run_dir, tier_id, self._local_bytes,
-                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            nodes = nodecopy.learn(self.ctx) if self.ctx.distributed else None
+            # On several nodes every node holds a whole copy (nodecopy.py): every rank's files.
+            ranks_held = self.ctx.world_size if nodes is not None and nodes.several else \
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            placement = localtier.place(self.cfg.local_dir, self.run_dir, tier_id, self._local_bytes, ranks_held)
             why = next((w for w in all_gather_object(self.ctx, placement.why_off) if w), "")
             if self.ctx.is_main and placement.root is not None:
                 for tier, whose, _ in localtier.other_tiers(placement.root.parent.parent, tier_id):
@@ -345,6 +350,8 @@ class SnapshotManager:
             ctx = dataclasses.replace(ctx, ckpt_group=dist.new_group(backend="gloo"))
         self.local = Saver(dataclasses.replace(self.cfg, keep=1, mode="async"), ctx, placement.root, self.engine,
                            self.saver.prepare, None, log_level=logging.DEBUG)
+        if nodes is not None and nodes.several:
+            self.local.nodes = self.restorer.nodes = nodes
         self.local_part_seconds = self.local.part_seconds
         if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size:  # one node: see copier.py
             self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults)

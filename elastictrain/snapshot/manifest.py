@@ -142,10 +142,17 @@ def write_commit(snapshot: Path, info: dict[str, Any], files: dict[str, Any] | N
     if files is None:
         files = checksum_files(snapshot)
         checksum_seconds = time.time() - start
+    record = commit_record(info, files, checksum_seconds or 0.0)
+    write_json_atomic(snapshot / COMMIT, record)
+    return record
+
+
+def commit_record(info: dict[str, Any], files: dict[str, dict[str, Any]], checksum_seconds: float) -> dict[str, Any]:
+    """The commit record of a snapshot with ``files`` (checksummed in ``checksum_seconds``), sealed by its own
+    digest."""
     record = {"format": FORMAT, **info, "files": files, "committed_at": time.time(),
               "checksum_seconds": round(checksum_seconds or 0.0, 4)}
     record["record_sha256"] = record_digest(record)
-    write_json_atomic(snapshot / COMMIT, record)
     return record
 
 

@@ -18,7 +18,7 @@ from elastictrain.config import CheckpointConfig
 from elastictrain.dist import DistContext, all_gather_object, on_main_together
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
-from elastictrain.snapshot import discovery, localtier, manifest, proof
+from elastictrain.snapshot import discovery, localtier, manifest, nodecopy, proof
 from elastictrain.snapshot.appstate import JsonState
 from elastictrain.snapshot.engines import AppState, Engine, EngineReadError, ForeignContentError, build_engine
 from elastictrain.snapshot.manifest import Snapshot, SnapshotDamaged
@@ -41,6 +41,8 @@ class ResumeInfo:
     """The config stored in the snapshot."""
     tier: str = "durable"
     """'local' (node-local memory) or 'durable' (the run directory)."""
+    transfer: dict[str, Any] | None = None
+    """A local snapshot some node received from another at this restore: from_rank, from_host, bytes, seconds."""
 
 
 def model_changes(stored: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -60,6 +62,10 @@ class Restorer:
         self.cfg, self.ctx, self.root, self.engine = cfg, ctx, root, engine
         self.run_config = run_config
         self.faults = faults
+        self.nodes: nodecopy.Nodes | None = None
+        """Set on several nodes with the local tier on: a node lacking a local snapshot receives it."""
+        self.transfer: dict[str, Any] | None = None
+        """The local snapshot restored came from another node: from where, how many bytes, how long."""
 
     def restore_latest(self, app_state: AppState,
                        local_root: Path | None = None) -> tuple[ResumeInfo, discovery.Lineage] | None:
@@ -89,20 +95,30 @@ class Restorer:
             try:
                 resumed = self._restore(snap, app_state)
                 resumed.tier = "local" if local is not None else "durable"
+                resumed.transfer = self.transfer if local is not None else None
                 return resumed, lineage
             except SnapshotDamaged as e:
                 if self.cfg.resume_from and snap.path.resolve() == Path(self.cfg.resume_from).resolve():
                     raise UserError(f"--checkpoint.resume_from: {snap.path}: {e}") from None  # the user's: not moved
                 touched, reason = str(snap.path), str(e)
-                on_main_together(self.ctx, lambda: discovery.move_aside(snap.path, "damaged", reason))
+                if local is not None and self.nodes is not None:  # every node's copy, or it would be sent back
+                    nodecopy.on_leaders_together(self.ctx, self.nodes, lambda: snap.path.exists() and
+                                                 discovery.move_aside(snap.path, "damaged", reason))
+                else:
+                    on_main_together(self.ctx, lambda: discovery.move_aside(snap.path, "damaged", reason))
 
     def _agreed_local(self, root: Path, durable: discovery.Choice | None) -> Snapshot | None:
         """The newest local snapshot that every rank sees complete, if it is at least as new as the durable
         choice and (under ``--checkpoint.resume_from``) of the same lineage; else None."""
         # As in the run directory: debris removed, a damaged newest one (its record or a file hurt in memory)
         # moved aside with an error line, never silently skipped.
-        on_main_together(self.ctx, lambda: discovery.newest_intact(root))
+        if self.nodes is not None:  # every node's copy
+            nodecopy.on_leaders_together(self.ctx, self.nodes, lambda: discovery.newest_intact(root))
+        else:
+            on_main_together(self.ctx, lambda: discovery.newest_intact(root))
         views = all_gather_object(self.ctx, localtier.complete_ids(root))
+        if self.nodes is not None:
+            views = self._share_newest(root, views, durable[0].order if durable is not None else None)
         snap = localtier.agreed_newest(root, views)
         if snap is None or (durable is not None and durable[0].order > snap.order):
             return None
@@ -110,6 +126,39 @@ class Restorer:
                                      snap.commit.get("branch_from") != durable[1][0]):  # type: ignore[union-attr]
             return None
         return snap
+
+    def _share_newest(self, root: Path, views: list[dict[str, tuple[int, int]]],
+                      durable: tuple[int, int] | None) -> list[dict[str, tuple[int, int]]]:
+        """Several nodes: the newest local snapshot that some node holds complete (and not older than the durable
+        choice) is sent by its node to the nodes that lack it (nodecopy.send_snapshot); every rank's view
+        afterwards. A failed transfer is a warning: the views then lead to an older snapshot."""
+        nodes = self.nodes
+        assert nodes is not None
+        self.transfer = None
+        held = {i: order for view in views for i, order in view.items()}
+        if not held:
+            return views
+        best = max(held, key=lambda i: (held[i], i))
+        lacking = [r for r, view in enumerate(views) if best not in view]
+        if not lacking or (durable is not None and durable > held[best]):
+            return views
+        src = nodes.leader_of(next(r for r, view in enumerate(views) if best in view))
+        name = manifest.snapshot_name(held[best][1], held[best][0])
+        if nodes.is_leader:
+            # A replaced node's memory holds no tier yet: made as before a first snapshot (owner-only, owned).
+            transfer = nodecopy.timed_send(root, name, src, nodes, lambda: localtier.create(root, self.root.parent))
+            if self.ctx.is_main:
+                to = sorted({nodes.hosts[r] for r in lacking})
+                problem = transfer.pop("problem")
+                self.transfer = None if problem else transfer
+                if problem:
+                    log.warning("local snapshot %s could not be copied from rank %d on host %s to %s: %s", name,
+                                src, transfer["from_host"], ", ".join(to), problem)
+                else:
+                    log.info("local snapshot %s copied from rank %d on host %s to %s: %s in %.2fs", name, src,
+                             transfer["from_host"], ", ".join(to), manifest.human_size(transfer["bytes"]),
+                             transfer["seconds"])
+        return all_gather_object(self.ctx, localtier.complete_ids(root))
 
     def _restore(self, snap: Snapshot, app_state: AppState) -> ResumeInfo:
         """Every rank: read the TrainState alone, refuse another model, read everything, prove the read;

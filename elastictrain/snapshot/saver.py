@@ -26,7 +26,7 @@ from elastictrain.dist import DistContext, all_gather_object, on_main_together, 
 from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.osutil import has_errno
-from elastictrain.snapshot import manifest, proof
+from elastictrain.snapshot import manifest, nodecopy, proof
 from elastictrain.snapshot.engine_process import EngineProcess, EngineProcessDied, SharedStager
 from elastictrain.snapshot.engines import AppState, Engine, StateDicts
 from elastictrain.snapshot.manifest import Snapshot
@@ -65,6 +65,8 @@ class Saver:
         self._process_faults: FaultInjector | None = None
         self.lost = ""
         """The snapshot lost last because its engine process died alone (it was never committed)."""
+        self.nodes: nodecopy.Nodes | None = None
+        """The local tier's saver on several nodes: every node gets a whole copy (nodecopy.py)."""
 
     def use_engine_process(self, faults: FaultInjector | None, shm_needed: int) -> None:
         """Write from now on in an engine process (engine_process.py), started now, where it can; else say
@@ -102,7 +104,10 @@ class Saver:
         self.wait()  # one snapshot in flight at most: the previous one must be committed first
         name = manifest.snapshot_name(state.epoch, state.step)
         path = self.root / name
-        on_main_together(self.ctx, lambda: self._clear_target(path))
+        if self.nodes is not None and self.nodes.several:  # every node clears its own copy
+            nodecopy.on_leaders_together(self.ctx, self.nodes, lambda: self._clear_target(path))
+        else:
+            on_main_together(self.ctx, lambda: self._clear_target(path))
         if self.prepare is not None:
             self.prepare()
         if self._process is not None:
@@ -205,7 +210,10 @@ class Saver:
                 raise RuntimeError(f"ranks disagree on the snapshot step: {steps}")
             if self.faults:
                 self.faults.maybe_fire("commit", info["step"])
-            if self.ctx.is_main:
+            if self.nodes is not None and self.nodes.several:
+                self._commit_on_every_node(path, info, steps, proof.combine(complete, partials))
+                timed("commit")
+            elif self.ctx.is_main:
                 # What the benchmark reads back: from the save call to the engine's last byte written.
                 info["write_seconds"] = round(time.time() - info["started_at"], 4)
                 seconds = info.pop("checksum_seconds", None)
@@ -236,6 +244,31 @@ class Saver:
             manifest.remove_if_uncommitted(path)
             self.lost, self.held_step = path.name, -1
             return None
+
+    def _commit_on_every_node(self, path: Path, info: dict[str, Any], steps: list[int],
+                              entries: proof.Record) -> None:
+        """Writer thread, node leaders: exchange the nodes' files (nodecopy.share), then every leader writes
+        rank 0's commit record of the whole snapshot into its node's copy, and applies retention there."""
+        nodes = self.nodes
+        assert nodes is not None
+        if not nodes.is_leader:
+            return
+        start = time.time()
+        files, problem = nodecopy.share(path, nodes)
+        if problem is not None:
+            raise RuntimeError(f"copying the local snapshot between nodes: {problem}")
+        record = None
+        if self.ctx.is_main:
+            info["write_seconds"] = round(time.time() - info["started_at"], 4)
+            record = manifest.commit_record({**info, "rank_steps": steps, "entries": entries}, files,
+                                            time.time() - start)
+        record = nodecopy.broadcast_record(record, nodes)
+        nodecopy.commit_copy(path, record)
+        if self.ctx.is_main:
+            log.log(self.log_level, "snapshot %s committed on %d nodes (%s, %d files, %s, exchange and checksums "
+                    "%.2fs)", path.name, len(nodes.leaders), info["tier"], len(files),
+                    manifest.human_size(Snapshot(path, record).size), record["checksum_seconds"])
+        self._apply_retention()
 
     def _disk_full(self, path: Path, error: BaseException) -> UserError | None:
         """The user's error for a write that failed on a full disk, else None. torchrun would restart into the
