@@ -15,6 +15,7 @@ Every test uses its own file store and rendezvous id, and kills what it started 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -212,7 +213,9 @@ def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
     assert jobs.wait(agent, 300, "agent") == 0, jobs.log("agent")[-4000:]
     hung = FaultInjector(fault, run_dir, rank=1).marker.stat().st_mtime  # made just before the SIGSTOP
     (failed,) = list((tmp_path / "logs").glob("*/attempt_0/0/error.json"))  # rank 0's @record error file
-    assert "timed out" in failed.read_text().lower()
+    # gloo's words for its timeout: "timed out", or "Application timeout caused pair closure" when the
+    # timeout closed the connection first (seen once in a full run)
+    assert re.search(r"timed out|timeout caused", failed.read_text(), re.IGNORECASE), failed.read_text()[:2000]
     assert failed.stat().st_mtime - hung < timeout_s + 5
     assert "forcefully exiting" in jobs.log("agent")  # the stopped worker ignored SIGTERM; torchrun SIGKILLed it
     (resume,) = events(read_records(run_dir), "resume")

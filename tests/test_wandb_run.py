@@ -120,9 +120,13 @@ def test_every_attempt_writes_into_the_same_run_with_steps_strictly_increasing(k
     last_train = {r["step"]: r["loss"] for r in read_jsonl(run_dir) if r["kind"] == "train"}
     assert {s: rows[s]["train/loss"] for s in range(1, 13)} == last_train
     assert [s for s, row in sorted(rows.items()) if "val/val_loss" in row] == [4, 8, 12]
-    # A resume event rides on its step, or on the next one when the killed attempt got that step into wandb.
+    # The attempts resumed from steps 4 and 8. A resume event rides on its step, or on a later one when the
+    # killed attempt had got further into wandb: the kill comes once the snapshot is committed, and a commit
+    # slowed by a loaded machine lets that attempt train on (seen: [8, 12] under two test workers).
+    resumes = [r["step"] for r in read_jsonl(run_dir) if r["kind"] == "event" and r.get("event") == "resume"]
+    assert resumes == [4, 8], resumes
     resumed_at = [s for s, row in sorted(rows.items()) if "event/resume" in row]
-    assert len(resumed_at) == 2 and resumed_at[0] in (4, 5) and resumed_at[1] in (8, 9), resumed_at
+    assert len(resumed_at) == 2 and 4 <= resumed_at[0] < resumed_at[1] and resumed_at[1] >= 8, resumed_at
     assert rows[12]["event/finished"] == 1
 
     last_log = read_wandb_file(dirs[-1] / f"run-{run_id}.wandb")
