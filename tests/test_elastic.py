@@ -114,7 +114,6 @@ def preempted_offset(records: list[dict[str, Any]]) -> int:
 # ---------------------------------------------------------------------------------- node loss and return
 
 
-@pytest.mark.alone  # a timeout judged against the clock (conftest.py)
 def test_node_loss_then_a_new_node_joins(jobs: Jobs, tmp_path: Path) -> None:
     """Two agents (one worker each) under ``--nnodes 1:2`` on a file store; the node running global rank 0
     is lost (agent and worker SIGKILLed at once); the survivor continues at world size 1 from the latest
@@ -196,7 +195,6 @@ def check_loss_continuity(records: list[dict[str, Any]]) -> None:
 # -------------------------------------------------------------------------------------------------- hangs
 
 
-@pytest.mark.alone  # a timeout judged against the clock (conftest.py)
 def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
         reference_runs: dict[int, Path], jobs: Jobs, tmp_path: Path) -> None:
     """Rank 1 SIGSTOPs itself right after the epoch-1 snapshot was written (so that one is complete: its commit
@@ -216,7 +214,8 @@ def test_hung_peer_fails_within_the_collective_timeout_and_is_restarted(
     # gloo's words for its timeout: "timed out", or "Application timeout caused pair closure" when the
     # timeout closed the connection first (seen once in a full run)
     assert re.search(r"timed out|timeout caused", failed.read_text(), re.IGNORECASE), failed.read_text()[:2000]
-    assert failed.stat().st_mtime - hung < timeout_s + 5
+    # Not `alone` (conftest.py): a second job's load may delay writing the error file, not gloo's timeout.
+    assert failed.stat().st_mtime - hung < timeout_s + 10
     assert "forcefully exiting" in jobs.log("agent")  # the stopped worker ignored SIGTERM; torchrun SIGKILLed it
     (resume,) = events(read_records(run_dir), "resume")
     assert resume["time"] - hung < timeout_s + 30 + 60  # + torchrun's grace + a restart on a loaded machine

@@ -59,13 +59,28 @@ def test_young_daly_choice_and_mtbf_from_the_history() -> None:
     clock.boundary(0.0, writing=False)
     for t in (1.0, 2.0, 3.0):  # steps of 1 s
         clock.boundary(t, writing=False)
-    clock.started(3.0, blocked_s=0.2)
-    for t in (4.5, 6.0):  # two steps of 1.5 s while it was written: 1 s slower in all
+    clock.started(3.0, blocked_s=0.2)  # at a step boundary: the 0.2 s wait is inside the next step
+    clock.add_blocked(0.1)  # and so is the wait for its staging
+    for t in (4.5, 6.0):  # two steps of 1.5 s while it was written (the waits included): 1 s slower in all
         clock.boundary(t, writing=True)
-    assert clock.written() == pytest.approx(1.2)
-    assert clock.interval_s() == pytest.approx((2 * 1.2 * 6 * 3600) ** 0.5)
-    assert re.fullmatch(r"snapshot every 3\.8 min: cost 1\.20 s, MTBF 6\.0 h \(0 failure\(s\) in 0\.0 h seen here, "
+    assert clock.written() == pytest.approx(1.0)  # not 1.3: the waits are not counted twice
+    assert clock.interval_s() == pytest.approx((2 * 1.0 * 6 * 3600) ** 0.5)
+    assert re.fullmatch(r"snapshot every 3\.5 min: cost 1\.00 s, MTBF 6\.0 h \(0 failure\(s\) in 0\.0 h seen here, "
                         r"prior 6\.0 h\)", clock.describe()), clock.describe()
+    # At an epoch end: the interval since the last boundary (a step and the validation) is no step, and the
+    # loop's wait for the epoch-end snapshot lies outside every measured step.
+    clock.boundary(7.0, writing=False)
+    clock.gap()
+    clock.started(20.0, blocked_s=0.3)
+    for t in (21.0, 22.5):  # the first boundary of the next epoch measures nothing; then one 0.5 s slower step
+        clock.boundary(t, writing=True)
+    assert clock.written() == pytest.approx(0.3 + 0.5)
+    clock.started(23.0, blocked_s=0.4)  # written before the next boundary: no step to compare, its wait stands
+    assert clock.written() == pytest.approx(0.4)
+    clock.boundary(23.5, writing=False)
+    clock.started(23.5, blocked_s=0.3)
+    clock.boundary(24.5, writing=True)  # a step that measured no slower than usual: still its 0.3 s wait
+    assert clock.written() == pytest.approx(0.3)
     clock.failures, clock.hours_observed = 3, 2.0
     assert clock.mtbf_s == pytest.approx(3600 * 2.0)  # (6 + 2) / 4
 

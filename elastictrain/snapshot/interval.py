@@ -3,8 +3,9 @@
 'auto' is the Young/Daly interval ``T = sqrt(2 C MTBF)``, which minimises the expected time lost to a
 failure (the snapshots' cost, plus the work since the last one) when failures arrive at random:
 
-- ``C``, the cost of one snapshot to the training loop, is measured in this run: the time the loop was
-  blocked by it, plus how much longer the steps took while it was being written, over their usual length.
+- ``C``, the cost of one snapshot to the training loop, is measured in this run: how much longer the steps
+  took while it was being written, over their usual length (which includes every wait for it inside those
+  steps), plus the time it blocked the loop outside any measured step (a snapshot at an epoch end).
 - ``MTBF`` starts from ``checkpoint.mtbf_hours`` and is refined by the failures this run directory has
   seen: the prior counts as one failure after ``mtbf_hours`` (a Gamma prior), so
   ``MTBF = (mtbf_hours + hours observed) / (1 + failures observed)``. A failure is an attempt that ended
@@ -109,6 +110,8 @@ class SnapshotClock:
     _idle_steps: list[float] = field(default_factory=list)
     _writing_steps: list[float] = field(default_factory=list)
     _blocked: float = 0.0
+    _blocked_outside: float = 0.0
+    """Of ``_blocked``, the part outside any measured step (taken after an epoch's last step: :meth:`gap`)."""
     _last_boundary: float | None = None
     _measuring: bool = False
 
@@ -157,13 +160,20 @@ class SnapshotClock:
             del self._idle_steps[:-50]
         self._last_boundary = now
 
+    def gap(self) -> None:
+        """The time since the last boundary is no step: the epoch's last step, validation and the epoch-end
+        snapshot. The next boundary starts measuring afresh (else that interval would count as one slow step)."""
+        self._last_boundary = None
+
     def started(self, now: float, blocked_s: float) -> None:
-        """A snapshot was started at ``now`` and kept the loop ``blocked_s`` seconds."""
+        """A snapshot was started at ``now`` and kept the loop ``blocked_s`` seconds. Taken at a step boundary,
+        that wait lies inside the step now running, which the next boundary measures."""
         self.last_snapshot_at = now
         self._blocked, self._writing_steps, self._measuring = blocked_s, [], True
+        self._blocked_outside = 0.0 if self._last_boundary is not None else blocked_s
 
     def add_blocked(self, seconds: float) -> None:
-        """More time the loop waited for the snapshot being staged (before an optimizer step)."""
+        """More time the loop waited for the snapshot being staged (before an optimizer step: inside a step)."""
         self._blocked += seconds
 
     def written(self) -> float | None:
@@ -172,8 +182,12 @@ class SnapshotClock:
             return None
         self._measuring = False
         usual = statistics.median(self._idle_steps) if self._idle_steps else None
-        slowdown = sum(max(0.0, d - usual) for d in self._writing_steps) if usual is not None else 0.0
-        cost = self._blocked + slowdown
+        if usual is None or not self._writing_steps:  # nothing to compare: what the loop waited, at least
+            cost = self._blocked
+        else:  # the waits inside the writing steps are part of their slowdown: not counted twice; but never
+            # less than those waits (a slowdown measured below them is the steps' noise hiding them)
+            slowdown = sum(max(0.0, d - usual) for d in self._writing_steps)
+            cost = max(self._blocked, self._blocked_outside + slowdown)
         self.costs.append(cost)
         return cost
 

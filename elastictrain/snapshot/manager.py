@@ -121,6 +121,9 @@ class SnapshotManager:
         self._local_bytes = 0
         self._room_warned = False
         self._local_created = False
+        self._local_in_step = False
+        """A local snapshot was taken at the last step boundary: the step since then is the one it slowed."""
+        self._local_interval_logged: float | None = None
 
     @property
     def durable(self) -> Saver | DurableCopier:
@@ -153,6 +156,8 @@ class SnapshotManager:
         """At an epoch boundary: track the best validation loss, and start a snapshot if one is due
         (in the background in async mode)."""
         state.best_val_loss = min(state.best_val_loss, val_loss)
+        for clock in (self.clock, self.local_clock):  # since the last boundary: a step and the validation
+            clock.gap()
         if not self.due(state.epoch):
             return False
         # Best among snapshots (an epoch between snapshots may have been better still, but it has none).
@@ -201,7 +206,6 @@ class SnapshotManager:
             start = time.perf_counter()
             self.local.wait()
             self._local_blocked(time.perf_counter() - start)
-            self.local_clock.written()
         if self.copier is not None:
             self.copier.hand_over()  # a durable snapshot waiting for this local commit goes to the writer
 
@@ -262,7 +266,12 @@ class SnapshotManager:
         if self.local is None:
             return False, False
         now = time.monotonic()
-        self.local_clock.boundary(now, writing=False)  # a local write never outlives its step
+        # A local write never outlives its step: the step just done is the one the last local snapshot slowed
+        # (its start, staging and commit waits included), and its cost is known now.
+        measured, self._local_in_step = self._local_in_step, False
+        self.local_clock.boundary(now, writing=measured)
+        if measured and self.local_clock.written() is not None and self.local_clock.auto:
+            self._report_local_interval(state.step)
         if state.step in (0, self.local.held_step, self.durable.held_step):
             return False, False
         due = self.local_clock.due(state.step, now)
@@ -293,6 +302,7 @@ class SnapshotManager:
         blocked = time.perf_counter() - start
         self.local_blocked_seconds.append(blocked)
         self.local_clock.started(time.monotonic(), blocked)
+        self._local_in_step = True
         return name
 
     def _create_local(self) -> None:
@@ -410,6 +420,21 @@ class SnapshotManager:
                 "interval_s": round(interval, 3), "cost_s": self.clock.cost_s if self.clock.cost_s is not None else -1.0,
                 "mtbf_h": round(self.clock.mtbf_s / 3600, 3), "failures_seen": self.clock.failures,
                 "reason": self.clock.describe()})
+
+
+    def _report_local_interval(self, step: int) -> None:
+        """Rank 0, under local_every_steps auto: the local tier's interval and measured cost, in the log and as
+        a ``local_snapshot_interval`` event when it first is measured and whenever it moves by 10% or more."""
+        interval, logged = self.local_clock.interval_s(), self._local_interval_logged
+        if interval is None or not self.ctx.is_main or (logged and abs(interval - logged) < 0.1 * logged):
+            return
+        self._local_interval_logged = interval
+        reason = self.local_clock.describe().replace("snapshot every", "local snapshot every", 1)
+        log.info("%s", reason)
+        if self.on_event is not None:
+            self.on_event("local_snapshot_interval", step, {
+                "interval_s": round(interval, 3), "cost_s": self.local_clock.cost_s,
+                "mtbf_h": round(self.local_clock.mtbf_s / 3600, 3), "reason": reason})
 
 
 def _local_interval(cfg: CheckpointConfig) -> dict[str, Any]:
