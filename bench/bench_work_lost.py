@@ -1,7 +1,8 @@
 """Expected work lost per failure: a run SIGKILLed at a random time, then the same command again; with a
 snapshot at every epoch end only ('epoch'), against the automatic interval (``--checkpoint.every_minutes
 auto``) and against a node-local snapshot every step ('local': ``--checkpoint.local_every_steps 1``, durable
-ones at epoch ends). 'epoch' and 'auto' run without the local tier.
+ones at epoch ends) and against the default local tier ('localauto': ``--checkpoint.local_every_steps auto``, its
+own Young/Daly interval with the same scaled MTBF). 'epoch' and 'auto' run without the local tier.
 
     python bench/bench_work_lost.py --trials 10          # resnet34 Unet (configs/default.yaml), 1 process
     python bench/bench_work_lost.py --trials 2 --append runs/lost.json   # pool trials over several invocations
@@ -66,7 +67,10 @@ def command(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -
     extra = {"epoch": ["--checkpoint.local_every_steps", "0"],
              "auto": ["--checkpoint.every_minutes", "auto", "--checkpoint.mtbf_hours", str(args.mtbf_hours),
                       "--checkpoint.local_every_steps", "0"],
-             "local": ["--checkpoint.local_every_steps", "1"]}[policy]
+             "local": ["--checkpoint.local_every_steps", "1"],
+             # the default local tier: its own Young/Daly interval, with the MTBF scaled like auto's
+             "localauto": ["--checkpoint.local_every_steps", "auto", "--checkpoint.mtbf_hours", str(args.mtbf_hours)]
+             }[policy]
     return [sys.executable, "-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
             "--epochs", "3", "--data.image_size", str(args.image_size), "--data.train_samples",
             str(args.train_samples), "--data.val_samples", str(args.batch_size), "--data.num_workers", "0",
@@ -134,7 +138,7 @@ def trial(args: argparse.Namespace, run_dir: Path, engine: str, policy: str, del
         kill(proc)
     before = [r for r in records(run_dir) if r["kind"] == "train" and r["time"] <= killed_at]
     steps = [b["time"] - a["time"] for a, b in zip(before, before[1:]) if b["step"] == a["step"] + 1]
-    intervals = [r for r in records(run_dir) if r.get("event") == "snapshot_interval"]
+    intervals = [r for r in records(run_dir) if r.get("event") in ("snapshot_interval", "local_snapshot_interval")]
     proc = start(cmd, run_dir.parent / f"{run_dir.name}.log")
     try:
         def resumed_step() -> dict[str, Any] | None:
@@ -190,7 +194,7 @@ def main() -> int:
           f"{mean(r['lost_s'] for r in rs):>13.1f}{med(r['lost_s'] for r in rs):>12.1f}\n")
     for engine in sorted({e for e, _ in results}):
         epoch = results.get((engine, "epoch"))
-        for policy in ("auto", "local"):
+        for policy in ("auto", "local", "localauto"):
             other = results.get((engine, policy))
             if epoch and other:
                 w(f"{engine}: expected work lost per failure, {policy} / epoch-only = "
