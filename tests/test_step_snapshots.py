@@ -81,6 +81,10 @@ def test_young_daly_choice_and_mtbf_from_the_history() -> None:
     clock.started(23.5, blocked_s=0.3)
     clock.boundary(24.5, writing=True)  # a step that measured no slower than usual: still its 0.3 s wait
     assert clock.written() == pytest.approx(0.3)
+    clock.started(25.0, blocked_s=0.1)  # still being written when the next one is due: that wait is its cost too
+    clock.boundary(26.0, writing=True)  # a step of 1.5 s (since 24.5): 0.5 s slower, its 0.1 s wait inside
+    clock.add_blocked(2.0, outside=True)
+    assert clock.measuring and clock.written() == pytest.approx(2.0 + 0.5) and not clock.measuring
     clock.failures, clock.hours_observed = 3, 2.0
     assert clock.mtbf_s == pytest.approx(3600 * 2.0)  # (6 + 2) / 4
 

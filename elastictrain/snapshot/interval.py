@@ -172,9 +172,17 @@ class SnapshotClock:
         self._blocked, self._writing_steps, self._measuring = blocked_s, [], True
         self._blocked_outside = 0.0 if self._last_boundary is not None else blocked_s
 
-    def add_blocked(self, seconds: float) -> None:
-        """More time the loop waited for the snapshot being staged (before an optimizer step: inside a step)."""
+    @property
+    def measuring(self) -> bool:
+        """A snapshot was started and its cost is not known yet."""
+        return self._measuring
+
+    def add_blocked(self, seconds: float, outside: bool = False) -> None:
+        """More time the loop waited for the snapshot being measured: for its staging, before an optimizer step
+        (inside a step), or ``outside`` any of the steps it was written in (the next snapshot waiting for it)."""
         self._blocked += seconds
+        if outside:
+            self._blocked_outside += seconds
 
     def written(self) -> float | None:
         """The snapshot being measured has been written: record and return its cost to the loop."""

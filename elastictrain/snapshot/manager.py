@@ -233,6 +233,15 @@ class SnapshotManager:
             # state dict now would also initialise its state, step = 1, and change the run.)
             log.info("no optimizer step taken yet: nothing to snapshot")
             return None
+        if self.durable.writing:  # the previous snapshot first (take would wait for it too; on every rank alike)
+            start = time.perf_counter()
+            self.durable.wait()
+            # Part of its cost: a snapshot that outlasts its interval would otherwise never be measured, and
+            # auto would never learn that it snapshots too often (a starved writer, a slow disk).
+            if self.clock.measuring:
+                self.clock.add_blocked(time.perf_counter() - start, outside=True)
+                if self.clock.written() is not None and self.clock.auto:
+                    self._report_interval(state.step)
         start = time.perf_counter()
         record = {"branch_from": self._lineage[0], "branch_from_path": self._lineage[1],
                   "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss, "is_best": is_best}
