@@ -102,7 +102,8 @@ class SnapshotManager:
         """Durable snapshots copied from the local tier by a writer process (set up by restore_latest)."""
         self.restorer = Restorer(cfg, ctx, self.root, self.engine, run_config, faults)
         self.clock = SnapshotClock(cfg.every_steps, cfg.every_minutes, cfg.mtbf_hours)
-        self._interval_logged: float | None = None
+        self._interval_logged: dict[str, float] = {}
+        """The interval last logged, per event (snapshot_interval, local_snapshot_interval)."""
         self._announce_interval = False
         """Log the automatic interval at the next step boundary (the first after a restore)."""
         self._lineage: tuple[str, str] = ("", "")
@@ -123,7 +124,6 @@ class SnapshotManager:
         self._local_created = False
         self._local_in_step = False
         """A local snapshot was taken at the last step boundary: the step since then is the one it slowed."""
-        self._local_interval_logged: float | None = None
 
     @property
     def durable(self) -> Saver | DurableCopier:
@@ -233,13 +233,15 @@ class SnapshotManager:
             # state dict now would also initialise its state, step = 1, and change the run.)
             log.info("no optimizer step taken yet: nothing to snapshot")
             return None
+        waited = 0.0
         if self.durable.writing:  # the previous snapshot first (take would wait for it too; on every rank alike)
             start = time.perf_counter()
             self.durable.wait()
+            waited = time.perf_counter() - start
             # Part of its cost: a snapshot that outlasts its interval would otherwise never be measured, and
             # auto would never learn that it snapshots too often (a starved writer, a slow disk).
             if self.clock.measuring:
-                self.clock.add_blocked(time.perf_counter() - start, outside=True)
+                self.clock.add_blocked(waited, outside=True)
                 if self.clock.written() is not None and self.clock.auto:
                     self._report_interval(state.step)
         start = time.perf_counter()
@@ -247,7 +249,7 @@ class SnapshotManager:
                   "tier": self.tier(state.epoch, end_of_epoch), "val_loss": val_loss, "is_best": is_best}
         name = self.durable.take(app_state, state, record, background)
         blocked = time.perf_counter() - start
-        self.blocked_seconds.append(blocked)
+        self.blocked_seconds.append(waited + blocked)  # the loop waited for snapshotting here, both parts
         self.clock.started(time.monotonic(), blocked)
         return name
 
@@ -280,7 +282,7 @@ class SnapshotManager:
         measured, self._local_in_step = self._local_in_step, False
         self.local_clock.boundary(now, writing=measured)
         if measured and self.local_clock.written() is not None and self.local_clock.auto:
-            self._report_local_interval(state.step)
+            self._report_interval(state.step, local=True)
         if state.step in (0, self.local.held_step, self.durable.held_step):
             return False, False
         due = self.local_clock.due(state.step, now)
@@ -416,34 +418,23 @@ class SnapshotManager:
         self.local_clock.failures, self.local_clock.hours_observed = self.clock.failures, self.clock.hours_observed
         self._announce_interval = self.cfg.mode != "off"
 
-    def _report_interval(self, step: int, force: bool = False) -> None:
-        interval = self.clock.interval_s()
+    def _report_interval(self, step: int, force: bool = False, local: bool = False) -> None:
+        """Rank 0: an automatic interval (the durable tier's, or the ``local`` tier's) in the log and as a
+        ``snapshot_interval`` / ``local_snapshot_interval`` event, when ``force``d, and whenever the measured cost
+        or the history moves it by 10% or more."""
+        clock, event = (self.local_clock, "local_snapshot_interval") if local else (self.clock, "snapshot_interval")
+        interval, logged = clock.interval_s(), self._interval_logged.get(event)
         if interval is None or not self.ctx.is_main:
             return
-        if not force and self._interval_logged and abs(interval - self._interval_logged) < 0.1 * self._interval_logged:
+        if not force and logged and abs(interval - logged) < 0.1 * logged:
             return
-        self._interval_logged = interval
-        log.info("%s", self.clock.describe())
-        if self.on_event is not None:
-            self.on_event("snapshot_interval", step, {
-                "interval_s": round(interval, 3), "cost_s": self.clock.cost_s if self.clock.cost_s is not None else -1.0,
-                "mtbf_h": round(self.clock.mtbf_s / 3600, 3), "failures_seen": self.clock.failures,
-                "reason": self.clock.describe()})
-
-
-    def _report_local_interval(self, step: int) -> None:
-        """Rank 0, under local_every_steps auto: the local tier's interval and measured cost, in the log and as
-        a ``local_snapshot_interval`` event when it first is measured and whenever it moves by 10% or more."""
-        interval, logged = self.local_clock.interval_s(), self._local_interval_logged
-        if interval is None or not self.ctx.is_main or (logged and abs(interval - logged) < 0.1 * logged):
-            return
-        self._local_interval_logged = interval
-        reason = self.local_clock.describe().replace("snapshot every", "local snapshot every", 1)
+        self._interval_logged[event] = interval
+        reason = clock.describe().replace("snapshot every", "local snapshot every", 1) if local else clock.describe()
         log.info("%s", reason)
         if self.on_event is not None:
-            self.on_event("local_snapshot_interval", step, {
-                "interval_s": round(interval, 3), "cost_s": self.local_clock.cost_s,
-                "mtbf_h": round(self.local_clock.mtbf_s / 3600, 3), "reason": reason})
+            self.on_event(event, step, {
+                "interval_s": round(interval, 3), "cost_s": clock.cost_s if clock.cost_s is not None else -1.0,
+                "mtbf_h": round(clock.mtbf_s / 3600, 3), "failures_seen": clock.failures, "reason": reason})
 
 
 def _local_interval(cfg: CheckpointConfig) -> dict[str, Any]:
