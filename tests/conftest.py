@@ -32,7 +32,7 @@ def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 # - the largest modules start first, so no long one is left alone at the end;
 # - a test marked `alone` (recovery times, hang and peer timeouts, signal deadlines: whatever a second
 #   job's load could make late) runs with nothing beside it: it takes a lock the other worker's tests
-#   share. tests/test_multinode.py is not: its lost hosts are found in 5-15 s against bounds of 100 s, and
+#   share. tests/test_multinode.py is not: its lost hosts are found in 6-14 s against bounds of 100 s, and
 #   its tests, the only ones to drive the multi-host cluster and test hosts, run one at a time on one worker.
 #   Beside test_slurm and test_untrusted it took 7:18 against 10:36 for the three modules one test at a time.
 

@@ -38,8 +38,8 @@ from multinode_util import (alive, fail_host, hosts, leftovers, on_host, partiti
 from slurm_util import cancel, cluster, job_info, job_log, poll, sbatch, wait_final
 
 # Not `alone` (conftest.py): its bounds on finding a lost host (a third of the default collective timeout,
-# against 5-20 s measured) leave room for a second job's load, and its tests drive the multi-host cluster and
-# test hosts one at a time because a module's tests stay on one worker (loadfile).
+# against 6-14 s measured under two test workers) leave room for a second job's load, and its tests drive
+# the multi-host cluster and test hosts one at a time because a module's tests stay on one worker (loadfile).
 
 NODES_DIR = Path("/tmp/elastictrain-slurm-nodes")
 NODES_CONF = NODES_DIR / "slurm.conf"
