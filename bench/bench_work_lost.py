@@ -6,10 +6,12 @@ own Young/Daly interval with the same scaled MTBF). 'epoch' and 'auto' run witho
 
     python bench/bench_work_lost.py --trials 10          # resnet34 Unet (configs/default.yaml), 1 process
     python bench/bench_work_lost.py --trials 2 --append runs/lost.json   # pool trials over several invocations
+    python bench/bench_work_lost.py --nproc 2 --policies epoch,auto,local   # 2 ranks under torchrun (DDP)
 
 Per trial and configuration (interleaved, the order reversed every other trial): start the run; at a time
 drawn uniformly from [--kill-after, --kill-after + --window] seconds after its first training step, SIGKILL
-its whole process group; run the same command again and stop it at its first training step after the resume.
+its whole process group (under torchrun: the agent and every worker, each in a session of its own, and the
+workers' engine processes); run the same command again and stop it at its first training step after the resume.
 
   recomputed   optimizer steps done before the kill that the resumed run does again (last step logged before
                the kill minus the step resumed from), and the time they took (their count times the median
@@ -40,7 +42,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from elastic_util import kill_tree  # noqa: E402
 from elastictrain.snapshot import localtier  # noqa: E402
 
 
@@ -48,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun when > 1; --batch-size is the global batch)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train-samples", type=int, default=2400, help="samples an epoch (the epoch must be long)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -71,7 +76,10 @@ def command(args: argparse.Namespace, run_dir: Path, engine: str, policy: str) -
              # the default local tier: its own Young/Daly interval, with the MTBF scaled like auto's
              "localauto": ["--checkpoint.local_every_steps", "auto", "--checkpoint.mtbf_hours", str(args.mtbf_hours)]
              }[policy]
-    return [sys.executable, "-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
+    launch = [sys.executable] if args.nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+         "--max-restarts", "0"]
+    return [*launch, "-m", "elastictrain", "--config", args.config, "--run.dir", str(run_dir),
             "--epochs", "3", "--data.image_size", str(args.image_size), "--data.train_samples",
             str(args.train_samples), "--data.val_samples", str(args.batch_size), "--data.num_workers", "0",
             "--train.batch_size", str(args.batch_size), "--train.log_every", "1", "--checkpoint.engine", engine,
@@ -110,6 +118,8 @@ def wait_until(predicate: Any, timeout: float, proc: subprocess.Popen[bytes]) ->
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the run's whole tree at once (torchrun's workers are not in its process group)."""
+    kill_tree(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -182,7 +192,7 @@ def main() -> int:
     med, mean = statistics.median, statistics.mean
     w = sys.stdout.write
     trials = min(len(v) for v in results.values())
-    w(f"\n{Path(args.config).name}, 1 process, {args.train_samples} samples an epoch at {args.image_size}px, batch "
+    w(f"\n{Path(args.config).name}, {args.nproc} process(es), {args.train_samples} samples an epoch at {args.image_size}px, batch "
       f"{args.batch_size}; {trials} kills per configuration, uniform over {args.kill_after:.0f}-"
       f"{args.kill_after + args.window:.0f} s after the first step; auto with MTBF {args.mtbf_hours} h\n\n")
     w(f"{'engine':<14}{'snapshots':<10}{'step s':>8}{'interval s':>12}{'redone steps mean':>19}"
