@@ -109,9 +109,13 @@ def _list_root(root: Path, verify: bool, where: str) -> int:
                     problems.append(problem)
         elif snap.damaged:
             problems.append(snap.problem)  # type: ignore[arg-type]
-        val = snap.commit.get("val_loss") if snap.commit else None
-        samples = str(snap.commit.get("sample_offset", "-")) if snap.commit else "-"
-        state = "complete" if snap.complete else "DAMAGED" if snap.damaged else "INCOMPLETE"
+        record = snap.commit or (snap.part or {}).get("record")
+        val = record.get("val_loss") if record else None
+        samples = str(record.get("sample_offset", "-")) if record else "-"
+        # A node's part of a local snapshot (three nodes or more): the rest is in other nodes' memory.
+        state = "complete" if snap.complete else "DAMAGED" if snap.damaged else \
+            f"part ({len(snap.part['held'])} of {len(snap.part['record']['files'])} files)" if snap.part else \
+            "INCOMPLETE"
         rows.append(["*" if best is not None and snap.name == best.name else "", snap.name, snap.tier,
                      str(epoch), str(step), samples, state, verified,
                      "-" if val is None else f"{val:.4f}", manifest.human_size(manifest.dir_size(snap.path))])

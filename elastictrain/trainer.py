@@ -135,7 +135,8 @@ class Trainer:
         got = resumed.transfer
         log.info("resuming from epoch %d step %d (%ssnapshot %s%s, taken at world size %d, now %d)",
                  resumed.epoch, resumed.step, "local " if resumed.tier == "local" else "", resumed.path,
-                 f", copied from rank {got['from_rank']} on host {got['from_host']}" if got else "",
+                 "" if not got else f", copied from rank {got['from_rank']} on host {got['from_host']}"
+                 if "from_host" in got else f", completed from the parts on {', '.join(got['from_hosts'])}",
                  resumed.world_size, self.ctx.world_size)
         return {"epoch": resumed.epoch, "step": resumed.step, "sample_offset": self.state.sample_offset,
                 "snapshot": str(resumed.path), "tier": resumed.tier, "world_size": self.ctx.world_size,

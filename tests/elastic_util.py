@@ -201,19 +201,21 @@ def ready_agents(go: Path) -> int:
     return len(list(go.parent.glob(f"{go.name}.ready.*")))
 
 
-def check_sample_offsets(records: list[dict[str, Any]]) -> None:
-    """Every epoch's samples seen once: see test_node_loss_then_a_new_node_joins in test_elastic.py."""
+def check_sample_offsets(records: list[dict[str, Any]], batch: int = GLOBAL_BATCH,
+                         steps_per_epoch: int = STEPS_PER_EPOCH) -> None:
+    """Every epoch's samples seen once (``batch`` samples a step, ``steps_per_epoch`` steps an epoch): see
+    test_node_loss_then_a_new_node_joins in test_elastic.py."""
     for attempt in attempts(records):
         head = attempt[0]
         epoch, offset, step = head.get("epoch", 0), head.get("sample_offset", 0), head["step"]
         for r in train_records(attempt):
             if r["epoch"] != epoch:  # the previous epoch ended whole; the next starts at offset 0
-                assert (r["epoch"], offset) == (epoch + 1, STEPS_PER_EPOCH * GLOBAL_BATCH), r
+                assert (r["epoch"], offset) == (epoch + 1, steps_per_epoch * batch), r
                 epoch, offset = r["epoch"], 0
-            assert (r["step"], r["sample_offset"]) == (step + 1, offset + GLOBAL_BATCH), (head, r)
+            assert (r["step"], r["sample_offset"]) == (step + 1, offset + batch), (head, r)
             step, offset = r["step"], r["sample_offset"]
     final = {r["step"]: r for r in train_records(records)}  # the last attempt to log a step wins
     assert sorted(final) == list(range(1, max(final) + 1))
     for epoch in {r["epoch"] for r in final.values()}:
         offsets = sorted(r["sample_offset"] for r in final.values() if r["epoch"] == epoch)
-        assert offsets == [GLOBAL_BATCH * k for k in range(1, STEPS_PER_EPOCH + 1)], (epoch, offsets)
+        assert offsets == [batch * k for k in range(1, steps_per_epoch + 1)], (epoch, offsets)

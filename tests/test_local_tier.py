@@ -467,8 +467,9 @@ write(snap, f"{rank}/data", bytes([rank + 1]) * (100_000 * (rank + 1)))
 write(snap, "replicated/same", b"same on both nodes" * 10_000)
 if rank == 0:
     write(snap, ".metadata", b"the engine's metadata")  # what DCP's rank 0 writes
-files, problem = nodecopy.share(snap, nodes)
+files, held, problem = nodecopy.share(snap, nodes)
 out.write(f"shared {sorted(files)} {problem}\\n")
+assert held == files  # two nodes: the ring gives each node every file
 record = nodecopy.broadcast_record(manifest.commit_record({"name": snap.name, "engine": "dcp", "tier": "rolling",
                                                            "epoch": 1, "step": 4}, files, 0.0) if rank == 0 else None, nodes)
 nodecopy.commit_copy(snap, record)
@@ -476,7 +477,7 @@ out.write(f"committed {manifest.Snapshot.at(snap).verify()}\\n")
 
 clash = root / "epoch00001-step00000005"
 write(clash, "replicated/same", f"rank {rank}".encode())
-out.write(f"clash {nodecopy.share(clash, nodes)[1]}\\n")
+out.write(f"clash {nodecopy.share(clash, nodes)[2]}\\n")
 
 if rank == 1:  # a replaced node: empty memory
     shutil.rmtree(tmp / "node1")
@@ -497,8 +498,8 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_node_copies_are_whole_checked_and_complete_only_when_whole(tmp_path: Path) -> None:
-    """Two nodes (two ranks, each with its own directory) exchange their files of a snapshot (several chunks
-    a file): both then hold every file, and both commit the same record; a file written differently on two
+    """Two nodes (two ranks, each with its own directory) pass their files of a snapshot along the ring
+    (several chunks a file): both then hold every file, and both commit the same record; a file written differently on two
     nodes is refused on both; a node that lost its memory receives the committed snapshot (its tier made
     owner-only); a source whose bytes changed after the commit is refused by the receiver, which then has no
     commit record (its copy never looks complete)."""
@@ -514,3 +515,88 @@ def test_node_copies_are_whole_checked_and_complete_only_when_whole(tmp_path: Pa
         assert lines[3] == "sent 480021 None None 0o700", said
         assert lines[4].startswith("damaged ") and "received bytes differ from the sender's checksum" in lines[4], said
         assert lines[4].endswith(" True" if rank == 0 else " False"), said
+
+
+@pytest.mark.slow
+def test_three_nodes_hold_parts_in_a_ring_and_two_survivors_complete_the_snapshot(tmp_path: Path) -> None:
+    """Three nodes (three ranks, each with its own directory) pass their files along the ring: each holds
+    its own and its predecessor's, under a PART.json, never complete (and never removed as debris); one node
+    alone cannot complete it; after the loss of the middle node the two survivors complete it from their
+    parts (each file it lacks from the node that holds it) and both copies then verify as complete."""
+    script = tmp_path / "ring.py"
+    script.write_text(_RING)
+    result = run_script_under_torchrun(script, [str(tmp_path)], nproc=3, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1, 2)]
+    everything = "['.metadata', '0/data', '1/data', '2/data']"
+    held = {0: "['.metadata', '0/data', '2/data']", 1: "['.metadata', '0/data', '1/data']", 2: "['1/data', '2/data']"}
+    for rank, lines in enumerate(said):
+        assert lines[0] == f"shared {everything} {held[rank]} None", said
+        assert lines[1] == f"part False {held[rank]} None True", said  # not complete; kept by discovery
+    assert said[0][2] == "alone None", said
+    for lines in (said[0][3:], said[2][2:]):
+        assert lines == ["assembled epoch00001-step00000004 ['node-a', 'node-c'] 150021 None",
+                         "complete None False"], said
+    assert said[1][2:] == [], said
+
+
+_RING = """
+import shutil, sys
+from datetime import timedelta
+from pathlib import Path
+import torch.distributed as dist
+from elastictrain.snapshot import discovery, localtier, manifest, nodecopy
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank = dist.get_rank()
+nodecopy.CHUNK_BYTES = 64 * 1024  # several chunks a file
+hosts = ["node-a", "node-b", "node-c"]
+nodes = nodecopy.Nodes(rank, hosts, [0, 1, 2], dist.new_group(ranks=[0, 1, 2], backend="gloo"))
+alone = dist.new_group(ranks=[0], backend="gloo")  # every rank makes every group
+survivors = dist.new_group(ranks=[0, 2], backend="gloo")
+tmp = Path(sys.argv[1])
+run_dir, root = tmp / "run", tmp / f"node{rank}" / "tier" / "snapshots"
+out = open(tmp / f"rank{rank}.txt", "w")
+localtier.create(root, run_dir)
+snap = root / "epoch00001-step00000004"
+(snap / str(rank)).mkdir(parents=True)
+(snap / str(rank) / "data").write_bytes(bytes([rank + 1]) * (50_000 * (rank + 1)))
+if rank == 0:
+    (snap / ".metadata").write_bytes(b"the engine's metadata")
+files, held, problem = nodecopy.share(snap, nodes)
+out.write(f"shared {sorted(files)} {sorted(held)} {problem}\\n")
+record = nodecopy.broadcast_record(manifest.commit_record({"name": snap.name, "engine": "dcp", "tier": "rolling",
+                                                           "epoch": 1, "step": 4}, files, 0.0) if rank == 0 else None, nodes)
+nodecopy.commit_copy(snap, record, held)
+part = manifest.Snapshot.at(snap)
+out.write(f"part {part.complete} {sorted(part.part['held'])} {discovery.newest_intact(root)} {snap.exists()}\\n")
+out.flush()
+dist.barrier()
+if rank == 0:  # one node alone holds only two thirds of it
+    found = nodecopy.assemble(root, nodecopy.Nodes(0, hosts, [0], alone), None, lambda: None)
+    out.write(f"alone {found}\\n")
+dist.barrier()
+if rank == 1:  # the middle node is lost, with its memory
+    shutil.rmtree(tmp / "node1")
+else:
+    done = nodecopy.assemble(root, nodecopy.Nodes(rank, hosts, [0, 2], survivors), None,
+                             lambda: localtier.create(root, run_dir))
+    out.write(f"assembled {done['assembled']} {done['from_hosts']} {done['bytes']} {done['problem']}\\n")
+    whole = manifest.Snapshot.at(snap)
+    out.write(f"complete {whole.verify()} {(snap / manifest.PART).exists()}\\n")
+out.close()
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_node_holds_its_own_ranks_files_and_its_predecessors() -> None:
+    """What `local_dir: auto` asks room for on several nodes: this node's ranks' state and its predecessor's
+    (with two nodes that is every rank's)."""
+    from elastictrain.snapshot.nodecopy import Nodes
+
+    three = ["a", "a", "b", "b", "c", "c"]
+    assert [Nodes(r, three, [0, 2, 4]).neighbour(-1) for r in range(6)] == [4, 4, 0, 0, 2, 2]
+    assert [Nodes(r, three, [0, 2, 4]).neighbour(1) for r in range(6)] == [2, 2, 4, 4, 0, 0]
+    assert Nodes(3, three, [0, 2, 4]).ranks_held == 4
+    assert Nodes(1, ["a", "b"], [0, 1]).ranks_held == 2 and Nodes(0, ["a", "a", "b"], [0, 2]).ranks_held == 3

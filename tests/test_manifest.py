@@ -130,6 +130,45 @@ def test_retention_keeps_newest_rolling_permanent_best_and_incomplete() -> None:
     assert manifest.retention_victims(snaps[:2], keep=2, best=None) == []
 
 
+def make_part(root: Path, epoch: int, step: int, drop: str = "batched") -> Path:
+    """A node's partial copy: a committed snapshot whose file ``drop`` lives on another node."""
+    path = make_snapshot(root, epoch, step)
+    record = json.loads((path / manifest.COMMIT).read_text())
+    (path / manifest.COMMIT).unlink()
+    (path / drop).unlink()
+    held = sorted(rel for rel in record["files"] if rel != drop)
+    write_json_atomic(path / manifest.PART, {"record": record, "held": held})
+    return path
+
+
+def test_a_nodes_part_is_never_complete_never_debris_and_counts_for_retention(tmp_path: Path) -> None:
+    from elastictrain.snapshot import discovery
+
+    old, new = make_part(tmp_path, 1, 4), make_part(tmp_path, 2, 8)
+    snap = Snapshot.at(new)
+    assert not snap.complete and not snap.damaged and snap.part is not None and snap.tier == "rolling"
+    assert sorted(snap.part["held"]) == [MARKER, "replicated/weights"]
+    assert manifest.PART not in [p.name for p in manifest.data_files(new)]
+    assert discovery.newest_intact(tmp_path) is None and old.exists() and new.exists()  # kept, not debris
+    assert manifest.apply_retention(tmp_path, keep=1) == [old.name] and new.exists()
+    # A part whose held file is cut short, or whose record was changed, is debris like a cut-off write.
+    (new / MARKER).write_text("cut")
+    assert Snapshot.at(new).part is None
+    other = make_part(tmp_path, 3, 12)
+    part = json.loads((other / manifest.PART).read_text())
+    part["record"]["step"] = 99
+    write_json_atomic(other / manifest.PART, part)
+    assert Snapshot.at(other).part is None
+    for held in ([5], ["../../etc/passwd"]):  # tampered: never a part, never read outside the snapshot
+        part["held"] = held
+        write_json_atomic(other / manifest.PART, part)
+        assert Snapshot.at(other).part is None
+    (other / manifest.PART).unlink()
+    os.mkfifo(other / manifest.PART)  # would block a plain read
+    assert Snapshot.at(other).part is None
+    assert discovery.newest_intact(tmp_path) is None and not new.exists() and not other.exists()
+
+
 def test_atomic_write_json_replaces_whole_file(tmp_path: Path) -> None:
     target = tmp_path / manifest.BEST
     write_json_atomic(target, {"name": "a"})

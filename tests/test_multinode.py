@@ -12,6 +12,9 @@ a host fails (link down, every process SIGKILLed) or is partitioned (link down, 
 - torchrun across hosts: a killed host, and a partitioned one, end in the survivor continuing from the
   latest complete snapshot at world size 1; the partitioned host's workers are gone before the new world
   starts, and when its link comes back its agent finds the rendezvous closed and exits.
+- torchrun across three hosts, a local snapshot every step: each host's memory holds a part of it (its own
+  ranks' files and its predecessor's); after a host is killed, the survivors complete the newest local
+  snapshot from their parts and continue from it.
 
 Every test prints the time from the failure to the first resumed step. Hosts and daemons are removed at
 module end and that is asserted, also when a test failed. Needs root; skipped with the reason elsewhere,
@@ -20,6 +23,7 @@ failed instead under ELASTICTRAIN_REQUIRE_SLURM=1 (CI).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -342,7 +346,8 @@ def training_on_two_hosts(cross_host: Callable[..., dict[str, Any]], run_dir: Pa
     return agents, rank0, "tr2" if rank0 == "tr1" else "tr1", committed_steps(run_dir)[-1]
 
 
-KILLED_HOST_RUNS = {"store": ("--dist.strategy", "fsdp"), "peer": ("--checkpoint.engine", "dcp")}
+KILLED_HOST_RUNS = {"store": ("--dist.strategy", "fsdp"), "peer": ("--checkpoint.engine", "dcp"),
+                    "fsdp-torchsnapshot": ("--dist.strategy", "fsdp"), "ddp-dcp": ("--checkpoint.engine", "dcp")}
 """Both engines and both strategies in the two cases: FSDP2 with torchsnapshot, DDP with DCP."""
 
 
@@ -450,3 +455,58 @@ def test_torchrun_across_hosts_partitioned_host_never_writes_beside_the_new_worl
     assert len(events(read_records(run_dir), "resume")) == 1, "the healed host started a world of its own"
     assert "lost rank 1 on host " in (run_dir / "train.log").read_text()  # the cut-off side stopped itself
     assert "lost the c10d store " in (run_dir / "logs/rank1.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["fsdp-torchsnapshot", "ddp-dcp"])
+def test_torchrun_across_three_hosts_holds_parts_in_a_ring_and_survives_a_lost_host_from_memory(
+        cross_host, tmp_path: Path, run: str) -> None:
+    """Three hosts (NNODES=2:3), a local snapshot every step: each host's memory holds only its own files of a
+    local snapshot and its predecessor's in the ring (a PART.json, no commit record). A host other than rank
+    0's and the store's dies; the two survivors complete the newest local snapshot from their parts and
+    continue at world size 2 from it, at most one step back, not from the older durable one. FSDP2 with
+    torchsnapshot and DDP with DCP, as in the two-host case."""
+    run_dir = tmp_path / "run"
+    # 48 samples in batches of 12: 4 steps an epoch at world size 3 and 2 alike.
+    agents = cross_host(run_dir, "--epochs", "8", "--data.train_samples", "48", "--train.batch_size", "12",
+                        "--checkpoint.local_every_steps", "1", *KILLED_HOST_RUNS[run], on=("tr1", "tr2", "tr3"),
+                        nnodes="2:3")
+    # Three steps at world size 3 (its world may start from a world of two that the third host joined, and
+    # resume from that world's whole copy): its newer local snapshots are the ring's.
+    wait_for(lambda: len([r for r in train_records(read_records(run_dir)) if r["world_size"] == 3]) >= 3, 300,
+             "three steps at world size 3")
+    for h in ("tr1", "tr2", "tr3"):  # each host's memory (tests/hosts.sh): its newest local snapshot is a part
+        marker, part = newest_local_marker(h)
+        assert marker.name == "PART.json" and 0 < len(part["held"]) < len(part["record"]["files"]), (marker, part)
+    found: list[str] = []
+    wait_for(lambda: bool(found.extend(h for h in ("tr1", "tr2", "tr3")
+                                       if any(worker_env(p, "RANK") == "0" for p in pids_on(h))) or found), 30,
+             "the worker of rank 0")
+    lost = next(h for h in ("tr1", "tr2") if h != found[0])
+    fail_host(lost)
+    failed = time.time()
+    survivors = [h for h in ("tr1", "tr2", "tr3") if h != lost]
+    assert all(agents[h].wait(LIVENESS_WINDOW_S) == 0 for h in survivors)
+    records = read_records(run_dir)
+    resume = events(records, "resume")[-1]
+    before = max(r["step"] for r in train_records(records) if r["world_size"] == 3)
+    assert (resume["previous_world_size"], resume["world_size"]) == (3, 2), resume
+    assert resume["tier"] == "local" and resume["step"] >= before - 1, (before, resume)
+    assert resume["transfer"]["assembled"] == Path(resume["snapshot"]).name and resume["transfer"]["bytes"] > 0
+    assert "completed on every node from the parts held on" in (run_dir / "train.log").read_text()
+    check_sample_offsets(records, batch=12)
+    print(f"\ntorchrun, three hosts: {lost} failed; the survivors completed {resume['transfer']['assembled']} "
+          f"from their parts ({resume['transfer']['bytes']} bytes in {resume['transfer']['seconds']}s); first "
+          f"step at world size 2 {first_step_after(records, resume)['time'] - failed:.1f}s after the failure")
+
+
+def newest_local_marker(host: str) -> tuple[Path, dict[str, Any]]:
+    """The commit record or PART.json of the newest local snapshot in ``host``'s memory that has one, read."""
+    for _ in range(50):  # retention may remove one between the listing and the read
+        marked = sorted(Path("/run/elastictrain-hosts/tr").glob(f"shm-{host}/elastictrain-*/*/snapshots/*/*.json"),
+                        key=lambda m: m.parent.name)
+        try:
+            return marked[-1], json.loads(marked[-1].read_text())
+        except (IndexError, FileNotFoundError):
+            time.sleep(0.1)
+    raise AssertionError(f"no local snapshot in the memory of {host}")

@@ -36,10 +36,12 @@ def choose(root: Path, resume_from: str, verify: bool) -> Choice | None:
 
 def newest_intact(root: Path) -> Snapshot | None:
     """The newest complete snapshot that verifies; on the way, incomplete ones are removed (debris of a
-    cut-off write) and damaged ones moved aside."""
+    cut-off write; a node's partial copy is not debris) and damaged ones moved aside."""
     for snap in manifest.list_snapshots(root):
         if snap.damaged:
             move_aside(snap.path, "damaged", snap.problem or "")
+            continue
+        if snap.part is not None:  # a node's partial copy: completed at a restore (nodecopy.assemble)
             continue
         if not snap.complete:
             log.warning("ignoring incomplete snapshot %s (no commit record); removing it", snap.path)

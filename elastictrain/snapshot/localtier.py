@@ -10,8 +10,10 @@ RUN_ID are owner-only (0700) and must belong to this user: another user's files 
 
 A local snapshot is only as good as every rank's view of it: each rank lists the complete snapshots it
 sees, and the newest one that every rank sees is the candidate (agreed_newest). On one node all ranks
-share the directory; on several nodes every node holds a whole copy (nodecopy.py), and a node that lacks
-the newest one receives it from a node that has it before the views are compared.
+share the directory; on several nodes every node holds its own ranks' files and its predecessor's
+(nodecopy.py: with two nodes that is a whole copy, with more a part, completed from the others' parts at a
+restore), and a node that lacks the newest one receives it from a node that has it before the views are
+compared.
 """
 
 from __future__ import annotations

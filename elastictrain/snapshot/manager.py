@@ -25,8 +25,9 @@ The local tier (localtier.py): the same snapshots, in node-local memory (BASE/RU
 collectives never meet the durable writer's), at most two generations (keep 1, plus the one in flight). A
 local snapshot taken at a step boundary holds up the next step only for its staging copy (before the optimizer
 step); its write, fingerprints, checksums and commit run during that step, and it is committed before the
-step counts as done, so a kill redoes at most one step. On several nodes every node gets a whole copy of
-each local snapshot, and a node lacking the newest one receives it at a restore (nodecopy.py). A restore
+step counts as done, so a kill redoes at most one step. On several nodes each node holds its own ranks'
+files of each local snapshot and its predecessor's in a ring (nodecopy.py), and at a restore the nodes
+complete the newest one from their parts and send it to a node that lacks it. A restore
 takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
 one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
 writer process (copier.py, writer.py) instead of the in-process writer thread.
@@ -350,8 +351,8 @@ class SnapshotManager:
             tier_id = on_main_together(self.ctx, lambda: localtier.run_id(self.run_dir))
             self._local_bytes = state_bytes(app_state)
             nodes = nodecopy.learn(self.ctx) if self.ctx.distributed else None
-            # On several nodes every node holds a whole copy (nodecopy.py): every rank's files.
-            ranks_held = self.ctx.world_size if nodes is not None and nodes.several else \
+            # On several nodes every node holds its own ranks' files and its predecessor's (nodecopy.py).
+            ranks_held = nodes.ranks_held if nodes is not None and nodes.several else \
                 int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             placement = localtier.place(self.cfg.local_dir, self.run_dir, tier_id, self._local_bytes, ranks_held)
             why = next((w for w in all_gather_object(self.ctx, placement.why_off) if w), "")

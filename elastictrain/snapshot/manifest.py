@@ -5,7 +5,10 @@ record is written after every rank finished writing, atomically (temp file, fsyn
 directory), and lists a SHA-256 and size for every file of the snapshot and (format 2) a fingerprint of
 every entry (see proof.py). A directory without the record is incomplete (cut off mid-write); one whose
 record exists but does not parse is damaged (a complete snapshot whose record was hurt afterwards): it
-is moved aside, never deleted. Nothing here needs a process group: these are pure file operations,
+is moved aside, never deleted. On three nodes or more, a node's copy of a local snapshot may hold only part
+of its files (nodecopy.py): ``PART.json`` (the whole snapshot's commit record and the files held) marks that
+part as written; it is never complete, never debris, and becomes a complete snapshot only when the files it
+lacks are received at a restore. Nothing here needs a process group: these are pure file operations,
 unit-tested on their own.
 """
 
@@ -24,6 +27,8 @@ from typing import Any
 from elastictrain.osutil import fsync_dir, write_json_atomic
 
 COMMIT = "COMMIT.json"
+PART = "PART.json"
+"""In a node's partial copy of a local snapshot, instead of COMMIT (see the module doc)."""
 BEST = "BEST.json"
 FORMAT = 2
 FORMATS = (1, 2)
@@ -62,6 +67,8 @@ class Snapshot:
     """The parsed commit record, or None when the snapshot is incomplete or its record is damaged."""
     problem: str | None = None
     """Why the commit record is unusable although it exists (the snapshot is damaged), else None."""
+    part: dict[str, Any] | None = None
+    """A node's partial copy (no commit record): {"record": the whole snapshot's, "held": [files here]}."""
 
     @property
     def name(self) -> str:
@@ -84,12 +91,14 @@ class Snapshot:
     def tier(self) -> str:
         if self.problem is not None:
             return "damaged"
-        return self.commit["tier"] if self.commit else "incomplete"
+        record = self.commit or (self.part or {}).get("record")
+        return record["tier"] if record else "incomplete"
 
     @classmethod
     def at(cls, path: Path) -> Snapshot:
         """The snapshot in directory ``path``, complete or not."""
-        return cls(Path(path), *_load_commit(Path(path)))
+        commit, problem = _load_commit(Path(path))
+        return cls(Path(path), commit, problem, read_part(Path(path)) if commit is None and problem is None else None)
 
     @property
     def engine(self) -> str:
@@ -127,7 +136,7 @@ def data_files(snapshot: Path) -> list[Path]:
     out = []
     for root, _, files in os.walk(snapshot):
         for name in files:
-            if name == COMMIT or name.startswith(f".{COMMIT}.tmp"):
+            if name in (COMMIT, PART) or name.startswith((f".{COMMIT}.tmp", f".{PART}.tmp")):
                 continue
             out.append(Path(root) / name)
     return sorted(out)
@@ -180,8 +189,29 @@ def commit_problem(snapshot: Path) -> str | None:
     return _load_commit(snapshot)[1]
 
 
+def read_part(snapshot: Path) -> dict[str, Any] | None:
+    """A node's partial copy's PART.json (see the module doc), or None when there is none or it is unusable:
+    its record must pass every check a commit record does, and the files it holds must be the record's, there
+    with their sizes (a part cut off before its PART.json is debris, like an uncommitted snapshot)."""
+    try:
+        if not stat.S_ISREG((snapshot / PART).lstat().st_mode):  # a FIFO would block the read
+            return None
+        part = json.loads((snapshot / PART).read_bytes().decode("utf-8"))
+        record, held = part["record"], part["held"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if check_record(snapshot / PART, record) or not isinstance(held, list) or record_name_problem(snapshot, record):
+        return None
+    for rel in held:
+        if not isinstance(rel, str) or rel not in record["files"] or _regular_file_problem(snapshot, rel) or \
+                (snapshot / rel).lstat().st_size != record["files"][rel]["size"]:
+            return None
+    return {"record": record, "held": held}
+
+
 def is_uncommitted(snapshot: Path) -> bool:
-    """No commit record at all: the debris of a write that was cut off (a damaged record is not debris)."""
+    """No commit record at all: the debris of a write that was cut off (a damaged record is not debris; a
+    node's partial copy counts as uncommitted here: it is never complete)."""
     return _load_commit(snapshot) == (None, None)
 
 
@@ -225,16 +255,22 @@ def _load_commit(snapshot: Path) -> tuple[dict[str, Any] | None, str | None]:
         record = json.loads(text)
     except ValueError as e:
         return None, f"{path}: not valid JSON ({e})"
+    problem = check_record(path, record)
+    return (None, problem) if problem else (record, None)
+
+
+def check_record(path: Path, record: Any) -> str | None:
+    """Why ``record`` (read from ``path``) is not a usable commit record, or None."""
     if not isinstance(record, dict) or record.get("format") not in FORMATS or not isinstance(record.get("files"), dict):
-        return None, f"{path}: not a commit record of a known format ({', '.join(map(str, FORMATS))})"
+        return f"{path}: not a commit record of a known format ({', '.join(map(str, FORMATS))})"
     bad = next((rel for rel, entry in record["files"].items() if not _plain_entry(rel, entry)), None)
     if bad is not None:
-        return None, f"{path}: lists {bad!r}, not a file inside the snapshot with a size and a checksum"
+        return f"{path}: lists {bad!r}, not a file inside the snapshot with a size and a checksum"
     if "record_sha256" in record and record["record_sha256"] != record_digest(record):
-        return None, f"{path}: checksum mismatch (the commit record was changed after it was written)"
+        return f"{path}: checksum mismatch (the commit record was changed after it was written)"
     if record.get("format", 1) >= 2 and "record_sha256" not in record:
-        return None, f"{path}: no checksum of its own (the commit record was changed after it was written)"
-    return record, None
+        return f"{path}: no checksum of its own (the commit record was changed after it was written)"
+    return None
 
 
 def _plain_entry(rel: str, entry: Any) -> bool:
@@ -343,7 +379,7 @@ def _snapshot_info(path: Path) -> Snapshot:
     if commit is not None:
         problem = record_name_problem(path, commit)
         commit = None if problem else commit
-    return Snapshot(path, commit, problem)
+    return Snapshot(path, commit, problem, read_part(path) if commit is None and problem is None else None)
 
 
 def read_best(root: Path) -> dict[str, Any] | None:
@@ -363,8 +399,9 @@ def best_snapshot(snapshots: list[Snapshot]) -> Snapshot | None:
 
 def retention_victims(snapshots: list[Snapshot], keep: int, best: str | None) -> list[Snapshot]:
     """Complete rolling snapshots beyond the newest ``keep`` (``snapshots`` newest first, as from
-    :func:`list_snapshots`); permanent ones, ``best`` and incomplete ones are never victims."""
-    rolling = [s for s in snapshots if s.complete and s.commit["tier"] == "rolling"]  # type: ignore[index]
+    :func:`list_snapshots`); permanent ones, ``best`` and incomplete ones are never victims. A node's partial
+    copy of a local snapshot counts as the snapshot it is part of."""
+    rolling = [s for s in snapshots if (s.complete or s.part) and s.tier == "rolling"]
     return [s for s in rolling[keep:] if s.name != best]
 
 

@@ -1,20 +1,24 @@
-"""Node copies of local snapshots: every node's local tier holds the whole snapshot, not only the files its own
-ranks wrote, so a node that survives the loss of another restores from memory.
+"""Node copies of local snapshots, in a ring of nodes: each node's local tier holds its own ranks' files and
+its predecessor's, so the loss of any one node leaves every file of the snapshot in the memory of a survivor.
 
 On several nodes the engine leaves each node's local directory with its own ranks' files only (torchsnapshot
 spreads even replicated entries over ranks). After the engine write, the node leaders (the lowest rank on
-each host) exchange their nodes' files on a gloo group of their own (broadcasts of uint8 tensors, in chunks),
-each file hashed by its sender and checked by every receiver as it is written. Rank 0 then makes the commit
-record of the whole snapshot, and every leader writes that same record into its node's copy, last: a node copy
-that holds only part of the files never has a commit record, so it never looks complete.
+each host) learn each other's file lists and each sends its node's files to the next node in the ring (point
+to point on a gloo group of their own, in chunks), hashed by the sender and checked by the receiver as they
+are written. Rank 0 then makes the commit record of the whole snapshot, and every leader writes it into its
+node's copy, last: with two nodes the ring gives each node every file, so that is a commit record (COMMIT.json)
+and each node's copy is complete; with three or more it is a PART.json (the whole snapshot's record and the
+files this node holds), which never looks complete (manifest.py).
 
-At a restore, a node that lacks the newest local snapshot (a replaced node with empty memory, a node that
-joined a grown world) receives its files and commit record from a node that has it (:func:`send_snapshot`),
-instead of everyone falling back to an older durable snapshot.
+At a restore the leaders first complete the newest local snapshot that their parts hold together
+(:func:`assemble`: each file a node lacks is sent by a node that holds it), and a node that lacks the newest
+local snapshot altogether (a replaced node with empty memory, a node that joined a grown world) receives its
+files and commit record from a node that has it (:func:`send_snapshot`), instead of everyone falling back to an
+older durable snapshot.
 
-With two nodes this is the ring of the issue (each node holds its predecessor's files); with more, every node
-holds every file (memory: the whole snapshot per node, two generations; see ``localtier.place``).
-One node: nothing here runs.
+Memory: two generations of this node's ranks' state and its predecessor's (``Nodes.ranks_held``; with two
+nodes that is every rank's), and at a restore one whole snapshot, where there is room (else the restore falls
+back to the durable tier, with a warning). One node: nothing here runs.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ import torch
 
 from elastictrain.dist import DistContext, all_gather_object, raise_together
 from elastictrain.osutil import fsync_dir, write_json_atomic
-from elastictrain.snapshot import manifest
+from elastictrain.snapshot import localtier, manifest
 
 CHUNK_BYTES = 64 * 2**20
-"""Bytes per broadcast: a file is never held in memory whole."""
+"""Bytes per message: a file is never held in memory whole."""
 Files = dict[str, dict[str, Any]]
 """A commit record's file list: {relative path: {"size", "sha256"}}."""
 
@@ -61,6 +65,17 @@ class Nodes:
 
     def leader_of(self, rank: int) -> int:
         return min(r for r, h in enumerate(self.hosts) if h == self.hosts[rank])
+
+    def neighbour(self, offset: int) -> int:
+        """The leader ``offset`` places after this rank's node in the ring (-1: the predecessor)."""
+        i = self.leaders.index(self.leader_of(self.rank))
+        return self.leaders[(i + offset) % len(self.leaders)]
+
+    @property
+    def ranks_held(self) -> int:
+        """Ranks whose files this node's copy of a local snapshot holds: its own and its predecessor's."""
+        hosts = {self.hosts[self.rank], self.hosts[self.neighbour(-1)]}
+        return sum(h in hosts for h in self.hosts)
 
 
 def learn(ctx: DistContext) -> Nodes:
@@ -92,30 +107,39 @@ def hash_files(path: Path) -> Files:
             for p in manifest.data_files(path)}
 
 
-def share(path: Path, nodes: Nodes) -> tuple[Files, str | None]:
-    """Node leaders (collective on their group): send this node's files of snapshot ``path`` to every other
-    node, receive theirs; (every file of the snapshot, the first problem or None). A receiver that fails
-    keeps taking part (discarding), so no sender waits on it; the problem is agreed on afterwards."""
+def share(path: Path, nodes: Nodes) -> tuple[Files, Files, str | None]:
+    """Node leaders (collective on their group): learn every node's files of snapshot ``path``, send this
+    node's to the next node in the ring and receive the previous node's; (every file of the snapshot, the files
+    this node now holds, the first problem on any leader or None). Even ring positions send first and odd ones
+    receive first, so no two leaders wait on each other. A receiver that fails keeps taking part (discarding),
+    so no sender waits on it; the problem is agreed on afterwards."""
     problem: str | None = None
     try:
         own = hash_files(path)
     except OSError as e:  # still take part: the others would wait for this node's files
         own, problem = {}, f"{path}: {e}"
-    everything: Files = dict(own)
-    for src in nodes.leaders:
-        box = [own if src == nodes.rank else None]
-        _broadcast_object(box, src, nodes)
-        theirs: Files = box[0]
-        for rel in sorted(theirs):
-            entry = theirs[rel]
-            had = rel in everything
-            if src != nodes.rank and had and everything[rel] != entry:
+    lists: list[Files] = all_gather_object(_leader_ctx(nodes), own, group=nodes.group)
+    everything: Files = {}
+    for theirs in lists:
+        for rel, entry in theirs.items():
+            if everything.setdefault(rel, entry) != entry:
                 problem = problem or f"{path / rel}: written differently on two nodes"
-            everything.setdefault(rel, entry)
-            keep = src != nodes.rank and not had
-            problem = _transfer(path, rel, entry, src, nodes, write=keep and problem is None) or problem
+    succ, pred = nodes.neighbour(1), nodes.neighbour(-1)
+    held: Files = dict(own)
+    incoming = lists[nodes.leaders.index(pred)]
+    send_first = nodes.leaders.index(nodes.rank) % 2 == 0
+    for sending in (send_first, not send_first):
+        if sending:
+            for rel in sorted(own):
+                _transfer(path, rel, own[rel], nodes.rank, nodes, write=False, dst=succ)
+            continue
+        for rel in sorted(incoming):
+            keep = rel not in held and problem is None
+            problem = _transfer(path, rel, incoming[rel], pred, nodes, write=keep, dst=nodes.rank) or problem
+            if keep:
+                held[rel] = incoming[rel]
     problems = [p for p in all_gather_object(_leader_ctx(nodes), problem, group=nodes.group) if p]
-    return everything, (problems[0] if problems else None)
+    return everything, held, (problems[0] if problems else None)
 
 
 def send_snapshot(root: Path, name: str, src: int, nodes: Nodes,
@@ -146,12 +170,95 @@ def send_snapshot(root: Path, name: str, src: int, nodes: Nodes,
     return sum(f["size"] for f in record["files"].values()), (problems[0] if problems else None)
 
 
-def commit_copy(path: Path, record: dict[str, Any]) -> None:
-    """A leader: write ``record`` into this node's copy, once every file it lists is there with its size."""
-    for rel, entry in record["files"].items():
+def assemble(root: Path, nodes: Nodes, not_older_than: tuple[int, int] | None,
+             make_tier: Callable[[], None]) -> dict[str, Any] | None:
+    """Node leaders (collective on their group), at a restore: complete the newest local snapshot that the
+    nodes' copies hold together when some node holds only a part of it (three nodes or more), and that is not
+    older than ``not_older_than`` (the durable choice). Each file a leader lacks comes from the first leader
+    that holds it; every leader then writes the commit record into its copy. A leader without room for the
+    files it lacks, or whose files arrive damaged, keeps its part (the restore then finds no common local
+    snapshot and takes the durable one). What the resume event says, or None when nothing was needed."""
+    views: list[dict[str, tuple[str, list[str], dict[str, Any]]]] = all_gather_object(
+        _leader_ctx(nodes), _held_here(root), group=nodes.group)
+    chosen = None
+    for name in sorted({n for v in views for n in v}, key=lambda n: manifest.parse_name(n)[::-1], reverse=True):
+        records = {v[name][0] for v in views if name in v}
+        held = {rel for v in views if name in v for rel in v[name][1]}
+        record = next(v[name][2] for v in views if name in v)
+        if len(records) == 1 and held >= set(record["files"]):
+            chosen = (name, record)
+            break
+    if chosen is None:
+        return None
+    name, record = chosen
+    order = (record["step"], record["epoch"])
+    whole = set(record["files"])
+    if (not_older_than is not None and not_older_than > order) or \
+            not any(name in v and set(v[name][1]) != whole for v in views):  # no part: send_snapshot's case
+        return None
+    start = time.perf_counter()
+    path = root / name
+    mine = set(views[nodes.leaders.index(nodes.rank)].get(name, ("", [], {}))[1])
+    lacking = sorted(whole - mine)
+    problem = None
+    if lacking:
+        try:
+            make_tier()
+            if not mine:
+                manifest.make_room(path)
+                path.mkdir()
+            for rel in lacking:  # what an assembly cut off earlier received (the part's record never lists it)
+                (path / rel).unlink(missing_ok=True)
+            if not localtier.has_room(root, sum(record["files"][rel]["size"] for rel in lacking)):
+                problem = f"{root}: no room for the {len(lacking)} file(s) of {name} this node lacks"
+        except (OSError, RuntimeError) as e:
+            problem = f"{path}: {e}"
+    sources: dict[str, int] = {}
+    sent = 0
+    for rel in sorted(whole):
+        holders = [leader for leader, v in zip(nodes.leaders, views) if name in v and rel in v[name][1]]
+        if len(holders) == len(nodes.leaders):
+            continue
+        src = holders[0]
+        sources[nodes.hosts[src]] = src
+        sent += record["files"][rel]["size"]
+        write = rel in lacking and problem is None
+        problem = _transfer(path, rel, record["files"][rel], src, nodes, write=write) or problem
+    if lacking and problem is None:
+        try:
+            fsync_dir(path)
+            commit_copy(path, record)
+        except (OSError, RuntimeError) as e:
+            problem = f"{path}: {e}"
+    problems = [p for p in all_gather_object(_leader_ctx(nodes), problem, group=nodes.group) if p]
+    return {"assembled": name, "from_hosts": sorted(sources), "bytes": sent,
+            "seconds": round(time.perf_counter() - start, 3), "problem": problems[0] if problems else None}
+
+
+def _held_here(root: Path) -> dict[str, tuple[str, list[str], dict[str, Any]]]:
+    """This node's local snapshots, complete or parts: {name: (record digest, files held, record)}."""
+    found = {}
+    for snap in manifest.list_snapshots(root):
+        record = snap.commit if snap.complete else (snap.part or {}).get("record")
+        if record is None or (snap.complete and snap.verify(checksums=False) is not None):
+            continue
+        held = list(record["files"]) if snap.complete else snap.part["held"]  # type: ignore[index]
+        found[snap.name] = (record.get("record_sha256", ""), held, record)
+    return found
+
+
+def commit_copy(path: Path, record: dict[str, Any], held: Files | None = None) -> None:
+    """A leader: write ``record`` into this node's copy, once every file it lists is there with its size; with
+    ``held`` (a part: not every file is here), a PART.json with the record and the files held instead."""
+    for rel in held if held is not None else record["files"]:
+        entry = record["files"][rel]
         if (path / rel).stat().st_size != entry["size"]:
             raise RuntimeError(f"{path / rel}: {(path / rel).stat().st_size} bytes, not the {entry['size']} committed")
-    write_json_atomic(path / manifest.COMMIT, record)
+    if held is None or set(held) == set(record["files"]):
+        write_json_atomic(path / manifest.COMMIT, record)
+        (path / manifest.PART).unlink(missing_ok=True)  # a completed part (assemble): its record wins anyway
+    else:
+        write_json_atomic(path / manifest.PART, {"record": record, "held": sorted(held)})
 
 
 def broadcast_record(record: dict[str, Any] | None, nodes: Nodes) -> dict[str, Any]:
@@ -161,9 +268,11 @@ def broadcast_record(record: dict[str, Any] | None, nodes: Nodes) -> dict[str, A
     return box[0]
 
 
-def _transfer(path: Path, rel: str, entry: dict[str, Any], src: int, nodes: Nodes, write: bool) -> str | None:
-    """One file from leader ``src`` to every other leader, in chunks; a receiver that ``write``s it checks its
-    size and checksum. The problem, or None."""
+def _transfer(path: Path, rel: str, entry: dict[str, Any], src: int, nodes: Nodes, write: bool,
+              dst: int | None = None) -> str | None:
+    """One file from leader ``src`` to every other leader (or, with ``dst``, to that leader only: a step of the
+    ring, called by those two), in chunks; a receiver that ``write``s it checks its size and checksum. The
+    problem, or None."""
     import torch.distributed as dist
 
     sending = src == nodes.rank
@@ -183,7 +292,12 @@ def _transfer(path: Path, rel: str, entry: dict[str, Any], src: int, nodes: Node
             n = min(CHUNK_BYTES, entry["size"] - offset)
             chunk = torch.frombuffer(bytearray(fin.read(n)), dtype=torch.uint8) if sending else \
                 torch.empty(n, dtype=torch.uint8)
-            dist.broadcast(chunk, src=src, group=nodes.group)
+            if dst is None:
+                dist.broadcast(chunk, src=src, group=nodes.group)
+            elif sending:
+                dist.send(chunk, dst=dst, group=nodes.group)
+            else:
+                dist.recv(chunk, src=src, group=nodes.group)
             if out is not None:
                 data = chunk.numpy().tobytes()
                 digest.update(data)

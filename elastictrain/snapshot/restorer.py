@@ -114,6 +114,7 @@ class Restorer:
         # moved aside with an error line, never silently skipped.
         if self.nodes is not None:  # every node's copy
             nodecopy.on_leaders_together(self.ctx, self.nodes, lambda: discovery.newest_intact(root))
+            self._assemble(root, durable[0].order if durable is not None else None)
         else:
             on_main_together(self.ctx, lambda: discovery.newest_intact(root))
         views = all_gather_object(self.ctx, localtier.complete_ids(root))
@@ -127,6 +128,27 @@ class Restorer:
             return None
         return snap
 
+    def _assemble(self, root: Path, durable: tuple[int, int] | None) -> None:
+        """Three nodes or more: the leaders complete the newest local snapshot their parts hold together
+        (nodecopy.assemble); rank 0 says so, or why not (a warning: the restore then takes an older snapshot)."""
+        nodes = self.nodes
+        assert nodes is not None
+        self.transfer = None
+        if not nodes.is_leader:
+            return
+        done = nodecopy.assemble(root, nodes, durable, lambda: localtier.create(root, self.root.parent))
+        if done is None or not self.ctx.is_main:
+            return
+        problem = done.pop("problem")
+        if problem:
+            log.warning("local snapshot %s could not be completed from the nodes' parts: %s", done["assembled"],
+                        problem)
+            return
+        self.transfer = done
+        log.info("local snapshot %s completed on every node from the parts held on %s: %s in %.2fs",
+                 done["assembled"], ", ".join(done["from_hosts"]), manifest.human_size(done["bytes"]),
+                 done["seconds"])
+
     def _share_newest(self, root: Path, views: list[dict[str, tuple[int, int]]],
                       durable: tuple[int, int] | None) -> list[dict[str, tuple[int, int]]]:
         """Several nodes: the newest local snapshot that some node holds complete (and not older than the durable
@@ -134,7 +156,6 @@ class Restorer:
         afterwards. A failed transfer is a warning: the views then lead to an older snapshot."""
         nodes = self.nodes
         assert nodes is not None
-        self.transfer = None
         held = {i: order for view in views for i, order in view.items()}
         if not held:
             return views

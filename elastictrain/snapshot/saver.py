@@ -66,7 +66,7 @@ class Saver:
         self.lost = ""
         """The snapshot lost last because its engine process died alone (it was never committed)."""
         self.nodes: nodecopy.Nodes | None = None
-        """The local tier's saver on several nodes: every node gets a whole copy (nodecopy.py)."""
+        """The local tier's saver on several nodes: a ring of node copies (nodecopy.py)."""
 
     def use_engine_process(self, faults: FaultInjector | None, shm_needed: int) -> None:
         """Write from now on in an engine process (engine_process.py), started now, where it can; else say
@@ -247,14 +247,15 @@ class Saver:
 
     def _commit_on_every_node(self, path: Path, info: dict[str, Any], steps: list[int],
                               entries: proof.Record) -> None:
-        """Writer thread, node leaders: exchange the nodes' files (nodecopy.share), then every leader writes
-        rank 0's commit record of the whole snapshot into its node's copy, and applies retention there."""
+        """Writer thread, node leaders: pass the nodes' files along the ring (nodecopy.share), then every
+        leader writes rank 0's commit record of the whole snapshot into its node's copy (a part of it, on three
+        nodes or more), and applies retention there."""
         nodes = self.nodes
         assert nodes is not None
         if not nodes.is_leader:
             return
         start = time.time()
-        files, problem = nodecopy.share(path, nodes)
+        files, held, problem = nodecopy.share(path, nodes)
         if problem is not None:
             raise RuntimeError(f"copying the local snapshot between nodes: {problem}")
         record = None
@@ -263,11 +264,11 @@ class Saver:
             record = manifest.commit_record({**info, "rank_steps": steps, "entries": entries}, files,
                                             time.time() - start)
         record = nodecopy.broadcast_record(record, nodes)
-        nodecopy.commit_copy(path, record)
+        nodecopy.commit_copy(path, record, held)
         if self.ctx.is_main:
-            log.log(self.log_level, "snapshot %s committed on %d nodes (%s, %d files, %s, exchange and checksums "
-                    "%.2fs)", path.name, len(nodes.leaders), info["tier"], len(files),
-                    manifest.human_size(Snapshot(path, record).size), record["checksum_seconds"])
+            log.log(self.log_level, "snapshot %s committed on %d nodes (%s, %d files, %s, %d of them on this node, "
+                    "exchange and checksums %.2fs)", path.name, len(nodes.leaders), info["tier"], len(files),
+                    manifest.human_size(Snapshot(path, record).size), len(held), record["checksum_seconds"])
         self._apply_retention()
 
     def _disk_full(self, path: Path, error: BaseException) -> UserError | None:
