@@ -151,22 +151,21 @@ def test_a_nodes_part_is_never_complete_never_debris_and_counts_for_retention(tm
     assert manifest.PART not in [p.name for p in manifest.data_files(new)]
     assert discovery.newest_intact(tmp_path) is None and old.exists() and new.exists()  # kept, not debris
     assert manifest.apply_retention(tmp_path, keep=1) == [old.name] and new.exists()
-    # A part whose held file is cut short, or whose record was changed, is debris like a cut-off write.
+    # A part that does not hold what its PART.json says is damaged: moved aside with the reason, never deleted.
     (new / MARKER).write_text("cut")
-    assert Snapshot.at(new).part is None
+    assert "not the" in (Snapshot.at(new).problem or "") and Snapshot.at(new).part is None
     other = make_part(tmp_path, 3, 12)
     part = json.loads((other / manifest.PART).read_text())
-    part["record"]["step"] = 99
-    write_json_atomic(other / manifest.PART, part)
-    assert Snapshot.at(other).part is None
-    for held in ([5], ["../../etc/passwd"]):  # tampered: never a part, never read outside the snapshot
-        part["held"] = held
-        write_json_atomic(other / manifest.PART, part)
-        assert Snapshot.at(other).part is None
+    for changed, why in ((dict(part, record={**part["record"], "step": 99}), "checksum mismatch"),
+                         (dict(part, held=[5]), "not the snapshot's"),
+                         (dict(part, held=["../../etc/passwd"]), "not the snapshot's")):
+        write_json_atomic(other / manifest.PART, changed)
+        assert why in (Snapshot.at(other).problem or ""), changed
     (other / manifest.PART).unlink()
     os.mkfifo(other / manifest.PART)  # would block a plain read
-    assert Snapshot.at(other).part is None
+    assert "not a regular file" in (Snapshot.at(other).problem or "")
     assert discovery.newest_intact(tmp_path) is None and not new.exists() and not other.exists()
+    assert sorted(why for _, why in manifest.aside_dirs(tmp_path)) == ["damaged", "damaged"]
 
 
 def test_atomic_write_json_replaces_whole_file(tmp_path: Path) -> None:

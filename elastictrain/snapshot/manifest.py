@@ -7,8 +7,8 @@ every entry (see proof.py). A directory without the record is incomplete (cut of
 record exists but does not parse is damaged (a complete snapshot whose record was hurt afterwards): it
 is moved aside, never deleted. On three nodes or more, a node's copy of a local snapshot may hold only part
 of its files (nodecopy.py): ``PART.json`` (the whole snapshot's commit record and the files held) marks that
-part as written; it is never complete, never debris, and becomes a complete snapshot only when the files it
-lacks are received at a restore. Nothing here needs a process group: these are pure file operations,
+part as written; it is never complete, never debris (a part that does not hold what its PART.json says is
+damaged), and becomes a complete snapshot only when the files it lacks are received at a restore. Nothing here needs a process group: these are pure file operations,
 unit-tested on their own.
 """
 
@@ -98,7 +98,8 @@ class Snapshot:
     def at(cls, path: Path) -> Snapshot:
         """The snapshot in directory ``path``, complete or not."""
         commit, problem = _load_commit(Path(path))
-        return cls(Path(path), commit, problem, read_part(Path(path)) if commit is None and problem is None else None)
+        part, problem = load_part(Path(path)) if commit is None and problem is None else (None, problem)
+        return cls(Path(path), commit, problem, part)
 
     @property
     def engine(self) -> str:
@@ -189,24 +190,33 @@ def commit_problem(snapshot: Path) -> str | None:
     return _load_commit(snapshot)[1]
 
 
-def read_part(snapshot: Path) -> dict[str, Any] | None:
-    """A node's partial copy's PART.json (see the module doc), or None when there is none or it is unusable:
-    its record must pass every check a commit record does, and the files it holds must be the record's, there
-    with their sizes (a part cut off before its PART.json is debris, like an uncommitted snapshot)."""
+def load_part(snapshot: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A node's partial copy (see the module doc): ({"record", "held"}, None); (None, None) when there is no
+    PART.json; (None, why) when it cannot be used: its record must pass every check a commit record does, and
+    the files it holds must be the record's, regular files there with their sizes. Such a part is damaged
+    (moved aside, like a snapshot with a damaged commit record), never deleted."""
+    path = snapshot / PART
     try:
-        if not stat.S_ISREG((snapshot / PART).lstat().st_mode):  # a FIFO would block the read
-            return None
-        part = json.loads((snapshot / PART).read_bytes().decode("utf-8"))
+        if not stat.S_ISREG(path.lstat().st_mode):  # a FIFO would block the read
+            return None, f"{path}: not a regular file"
+        part = json.loads(path.read_bytes().decode("utf-8"))
         record, held = part["record"], part["held"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    if check_record(snapshot / PART, record) or not isinstance(held, list) or record_name_problem(snapshot, record):
-        return None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return None, f"{path}: unreadable ({e!r})"
+    problem = check_record(path, record) or record_name_problem(snapshot, record)
+    if problem:
+        return None, problem
+    if not isinstance(held, list) or not all(isinstance(rel, str) and rel in record["files"] for rel in held):
+        return None, f"{path}: lists files held that are not the snapshot's"
     for rel in held:
-        if not isinstance(rel, str) or rel not in record["files"] or _regular_file_problem(snapshot, rel) or \
-                (snapshot / rel).lstat().st_size != record["files"][rel]["size"]:
-            return None
-    return {"record": record, "held": held}
+        problem = _regular_file_problem(snapshot, rel)
+        if problem is None and (snapshot / rel).lstat().st_size != record["files"][rel]["size"]:
+            problem = f"{snapshot / rel}: not the {record['files'][rel]['size']} bytes committed"
+        if problem:
+            return None, problem
+    return {"record": record, "held": held}, None
 
 
 def is_uncommitted(snapshot: Path) -> bool:
@@ -379,7 +389,8 @@ def _snapshot_info(path: Path) -> Snapshot:
     if commit is not None:
         problem = record_name_problem(path, commit)
         commit = None if problem else commit
-    return Snapshot(path, commit, problem, read_part(path) if commit is None and problem is None else None)
+    part, problem = load_part(path) if commit is None and problem is None else (None, problem)
+    return Snapshot(path, commit, problem, part)
 
 
 def read_best(root: Path) -> dict[str, Any] | None:
