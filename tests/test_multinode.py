@@ -36,6 +36,7 @@ import pytest
 from elastic_util import (RDZV_CONF, Jobs, check_sample_offsets, events, read_records, train_records,
                           wait_for_record, worker_env)
 from elastictrain.faults import FaultInjector
+from elastictrain.snapshot import localtier
 from helpers import assert_bitwise_equal, load_final, tiny_args, wait_for
 from multinode_util import (alive, fail_host, hosts, leftovers, on_host, partition, pids_on, require_root,
                             skip_or_fail, stopped)
@@ -475,8 +476,10 @@ def test_torchrun_across_three_hosts_holds_parts_in_a_ring_and_survives_a_lost_h
     # resume from that world's whole copy): its newer local snapshots are the ring's.
     wait_for(lambda: len([r for r in train_records(read_records(run_dir)) if r["world_size"] == 3]) >= 3, 300,
              "three steps at world size 3")
+    tier = localtier.of_run(run_dir)[1]  # this run's: the hosts' memory also holds earlier tests' tiers
+    assert tier, "the run has no local tier id"
     for h in ("tr1", "tr2", "tr3"):  # each host's memory (tests/hosts.sh): its newest local snapshot is a part
-        marker, part = newest_local_marker(h)
+        marker, part = newest_local_marker(h, tier)
         assert marker.name == "PART.json" and 0 < len(part["held"]) < len(part["record"]["files"]), (marker, part)
     found: list[str] = []
     wait_for(lambda: bool(found.extend(h for h in ("tr1", "tr2", "tr3")
@@ -500,11 +503,12 @@ def test_torchrun_across_three_hosts_holds_parts_in_a_ring_and_survives_a_lost_h
           f"step at world size 2 {first_step_after(records, resume)['time'] - failed:.1f}s after the failure")
 
 
-def newest_local_marker(host: str) -> tuple[Path, dict[str, Any]]:
-    """The commit record or PART.json of the newest local snapshot in ``host``'s memory that has one, read."""
+def newest_local_marker(host: str, tier: str) -> tuple[Path, dict[str, Any]]:
+    """The commit record or PART.json of the newest local snapshot of tier ``tier`` in ``host``'s memory that
+    has one, read."""
     for _ in range(50):  # retention may remove one between the listing and the read
-        marked = sorted(Path("/run/elastictrain-hosts/tr").glob(f"shm-{host}/elastictrain-*/*/snapshots/*/*.json"),
-                        key=lambda m: m.parent.name)
+        found = Path("/run/elastictrain-hosts/tr").glob(f"shm-{host}/elastictrain-*/{tier}/snapshots/*/*.json")
+        marked = sorted(found, key=lambda m: m.parent.name)
         try:
             return marked[-1], json.loads(marked[-1].read_text())
         except (IndexError, FileNotFoundError):
