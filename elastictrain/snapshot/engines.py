@@ -125,6 +125,29 @@ def _engine_errors() -> Iterator[list[logging.LogRecord]]:
         logger.propagate = propagate
 
 
+def _collect_abandoned_writes(error: BaseException) -> None:
+    """After a failed take() (a full disk), torchsnapshot's event loop leaves write tasks pending. Garbage-
+    collected later, at any moment, they print 'Task was destroyed but it is pending!' and a traceback of their
+    coroutines' clean-up ('no running event loop') beside the one clear error the run ends with. So: release
+    the failure's frames (they hold the loop), and collect those tasks now, with their reports dropped."""
+    import gc
+    import sys
+    import traceback
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if seen.__traceback__ is not None:
+            traceback.clear_frames(seen.__traceback__)
+        seen = seen.__cause__ or seen.__context__
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        with _engine_errors():
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
 class TorchSnapshotEngine:
     name = "torchsnapshot"
     marker = ".snapshot_metadata"
@@ -142,8 +165,12 @@ class TorchSnapshotEngine:
         _private_random_for_torchsnapshot()
         # Everything not sharded is identical on every rank (RNG states are gathered into TrainState, batch-norm
         # buffers synchronized), so "**" lets any world size read it; DTensor shards are excluded automatically.
-        Snapshot.take(str(path), {k: _Computed(v) for k, v in state.items()}, pg=ctx.ckpt_group,
-                      replicated=["**"])
+        try:
+            Snapshot.take(str(path), {k: _Computed(v) for k, v in state.items()}, pg=ctx.ckpt_group,
+                          replicated=["**"])
+        except BaseException as e:
+            _collect_abandoned_writes(e)
+            raise
 
     def read(self, path: Path, app_state: AppState, ctx: DistContext) -> None:
         from elastictrain.snapshot import ts_format
