@@ -213,14 +213,14 @@ def assemble(root: Path, nodes: Nodes, not_older_than: tuple[int, int] | None,
                 problem = f"{root}: no room for the {len(lacking)} file(s) of {name} this node lacks"
         except (OSError, RuntimeError) as e:
             problem = f"{path}: {e}"
-    sources: dict[str, int] = {}
+    sources: set[str] = set()
     sent = 0
     for rel in sorted(whole):
         holders = [leader for leader, v in zip(nodes.leaders, views) if name in v and rel in v[name][1]]
         if len(holders) == len(nodes.leaders):
             continue
         src = holders[0]
-        sources[nodes.hosts[src]] = src
+        sources.add(nodes.hosts[src])
         sent += record["files"][rel]["size"]
         write = rel in lacking and problem is None
         problem = _transfer(path, rel, record["files"][rel], src, nodes, write=write) or problem
