@@ -20,7 +20,8 @@ POINT  start    after start-up, before the first step of this process (N is igno
                 process (a sigkill here kills the rank between the local commit and its durable copy;
                 the writer process dies with it)
        writer   the durable writer process SIGKILLs itself after copying the first file of the snapshot at
-                step N (KIND must be sigkill: the writer alone dies, the rank goes on)
+                step N (KIND must be sigkill: the writer alone dies, the rank goes on); rank 0's, or on
+                several nodes the writer of the node leader R (each copies its node's share)
        engine   the snapshot engine process (world size 1, CPU: snapshot/engine_process.py) SIGKILLs itself
                 right after the engine wrote the snapshot at step N, before its checksums (KIND must be
                 sigkill: the engine process alone dies, the rank goes on without that snapshot)

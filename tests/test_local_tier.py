@@ -600,3 +600,51 @@ def test_a_node_holds_its_own_ranks_files_and_its_predecessors() -> None:
     assert [Nodes(r, three, [0, 2, 4]).neighbour(1) for r in range(6)] == [2, 2, 4, 4, 0, 0]
     assert Nodes(3, three, [0, 2, 4]).ranks_held == 4
     assert Nodes(1, ["a", "b"], [0, 1]).ranks_held == 2 and Nodes(0, ["a", "a", "b"], [0, 2]).ranks_held == 3
+
+
+def test_nodes_share_the_durable_copy_each_file_from_a_node_that_holds_it(tmp_path: Path) -> None:
+    """Several nodes (copier.py): every file of a local snapshot goes to exactly one node that holds it, the
+    bytes spread evenly; each node's writer copies its share into one directory and leaves the commit to rank 0,
+    which refuses to commit while a file is missing or cut short."""
+    from elastictrain.snapshot import writer
+    from elastictrain.snapshot.copier import split_shares
+
+    files = {f"{r}/{k}": {"size": size, "sha256": ""} for r in range(6) for k, size in (("m", 100), ("o", 200))}
+    whole = set(files)
+    two = split_shares(files, [whole, whole])
+    assert sorted(two[0] + two[1]) == sorted(files) and not set(two[0]) & set(two[1])
+    assert sum(files[f]["size"] for f in two[0]) == sum(files[f]["size"] for f in two[1]) == 900
+    # A ring of three: node i holds its ranks' files (2i, 2i+1) and its predecessor's.
+    own = [{f for f in files if int(f[0]) // 2 == i} for i in range(3)]
+    three = split_shares(files, [own[i] | own[i - 1] for i in range(3)])
+    assert sorted(sum(three, [])) == sorted(files)
+    assert all(set(three[i]) <= own[i] | own[i - 1] for i in range(3))
+    assert [sum(files[f]["size"] for f in s) for s in three] == [600, 600, 600]
+    assert split_shares(files, [own[0], own[1]]) == split_shares(files, [own[0], own[1]])  # the same everywhere
+    assert sorted(sum(split_shares(files, [own[0], own[1]]), [])) == sorted(own[0] | own[1])  # 4/5: nobody's
+
+    src = tmp_path / "local" / manifest.snapshot_name(1, 4)
+    for r in range(2):
+        (src / str(r)).mkdir(parents=True)
+        (src / str(r) / "model").write_bytes(os.urandom(2**20 + r))
+    (src / ".snapshot_metadata").write_text("{}")
+    local = manifest.write_commit(src, {"name": src.name, "epoch": 1, "step": 4, "engine": "torchsnapshot",
+                                        "tier": "rolling", "where": "local", "started_at": 0.0})
+    record = {k: v for k, v in local.items() if k not in ("record_sha256", "where")}
+    dst = tmp_path / "run" / "snapshots" / src.name
+    dst.mkdir(parents=True)
+    job = {"src": str(src), "dst": str(dst), "record": record, "keep": 2, "commit": False}
+    answer = writer.copy_snapshot({**job, "files": ["0/model", ".snapshot_metadata"]})
+    assert answer["ok"] and answer["copied"] == ["0/model", ".snapshot_metadata"]
+    assert manifest.read_commit(dst) is None
+    with pytest.raises(FileNotFoundError):  # rank 0 never commits a copy that lacks a share
+        writer.commit_copy(dst, record, 0.0, 2)
+    (dst / "1").mkdir()
+    (dst / "1" / "model").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="not committed"):
+        writer.commit_copy(dst, record, 0.0, 2)
+    (dst / "1" / "model").unlink()
+    assert writer.copy_snapshot({**job, "files": ["1/model"]})["ok"]
+    writer.commit_copy(dst, record, 0.0, 2)
+    copied = manifest.Snapshot.at(dst)
+    assert copied.complete and copied.verify() is None and copied.commit["files"] == local["files"]

@@ -36,7 +36,7 @@ import pytest
 from elastic_util import (RDZV_CONF, Jobs, check_sample_offsets, events, read_records, train_records,
                           wait_for_record, worker_env)
 from elastictrain.faults import FaultInjector
-from elastictrain.snapshot import localtier
+from elastictrain.snapshot import localtier, manifest
 from helpers import assert_bitwise_equal, load_final, tiny_args, wait_for
 from multinode_util import (alive, fail_host, hosts, leftovers, on_host, partition, pids_on, require_root,
                             skip_or_fail, stopped)
@@ -391,7 +391,9 @@ def test_torchrun_across_hosts_replaced_host_gets_the_local_snapshot_from_its_pe
     continues from the newest local snapshot, which the replaced host received from its peer (not from the
     older durable one), and ends bitwise equal to the uninterrupted run."""
     run_dir = tmp_path / "run"
-    agents = cross_host(run_dir, "--checkpoint.local_every_steps", "1", nnodes="2")
+    # Also: the durable writer of the node without rank 0 dies alone copying its share of epoch 1's snapshot.
+    flags = ("--checkpoint.local_every_steps", "1", "--debug.fault", "sigkill@writer=4:rank=1")
+    agents = cross_host(run_dir, *flags, nnodes="2")
     wait_for_record(run_dir, lambda r: r["kind"] == "train" and r["step"] >= 6, 300, "step 6", agents["tr2"])
     survivor = host_of_rank0()
     lost = "tr2" if survivor == "tr1" else "tr1"
@@ -399,7 +401,7 @@ def test_torchrun_across_hosts_replaced_host_gets_the_local_snapshot_from_its_pe
     hosts("wipe", lost)
     hosts("link", lost, "up")
     failed = time.time()
-    agents.update(cross_host(run_dir, "--checkpoint.local_every_steps", "1", on=(lost,), nnodes="2"))
+    agents.update(cross_host(run_dir, *flags, on=(lost,), nnodes="2"))  # the same config (the fault fired)
     assert agents[survivor].wait(LIVENESS_WINDOW_S) == 0 and agents[lost].wait(60) == 0
     records = read_records(run_dir)
     (resume,) = events(records, "resume")
@@ -410,6 +412,10 @@ def test_torchrun_across_hosts_replaced_host_gets_the_local_snapshot_from_its_pe
         (run_dir / "train.log").read_text()
     check_sample_offsets(records)
     assert_bitwise_equal(load_final(run_dir), load_final(reference_runs[2]))
+    said = (run_dir / "train.log").read_text()
+    assert "durable snapshot epoch00001-step00000004 not written: the durable writer process died (signal " \
+        "SIGKILL)" in said, said[-3000:]
+    assert_durable_copies_from_memory(run_dir, nodes=(2,))
     print(f"\ntorchrun, replaced host: {lost} replaced; it received {resume['transfer']['bytes']} bytes in "
           f"{resume['transfer']['seconds']}s; first step {first_step_after(records, resume)['time'] - failed:.1f}s "
           f"after the failure")
@@ -472,10 +478,13 @@ def test_torchrun_across_three_hosts_holds_parts_in_a_ring_and_survives_a_lost_h
     agents = cross_host(run_dir, "--epochs", "8", "--data.train_samples", "48", "--train.batch_size", "12",
                         "--checkpoint.local_every_steps", "1", *KILLED_HOST_RUNS[run], on=("tr1", "tr2", "tr3"),
                         nnodes="2:3")
-    # Three steps at world size 3 (its world may start from a world of two that the third host joined, and
-    # resume from that world's whole copy): its newer local snapshots are the ring's.
-    wait_for(lambda: len([r for r in train_records(read_records(run_dir)) if r["world_size"] == 3]) >= 3, 300,
-             "three steps at world size 3")
+    # Six steps at world size 3 (its world may start from a world of two that the third host joined, and
+    # resume from that world's whole copy): its newer local snapshots are the ring's, and an epoch's durable
+    # snapshot is copied from the three hosts' memory, each host's writer copying its share.
+    wait_for(lambda: len([r for r in train_records(read_records(run_dir)) if r["world_size"] == 3]) >= 6, 300,
+             "six steps at world size 3")
+    wait_for(lambda: "by the writer processes of 3 nodes" in (run_dir / "train.log").read_text(), 60,
+             "a durable snapshot copied by three hosts' writers")
     tier = localtier.of_run(run_dir)[1]  # this run's: the hosts' memory also holds earlier tests' tiers
     assert tier, "the run has no local tier id"
     for h in ("tr1", "tr2", "tr3"):  # each host's memory (tests/hosts.sh): its newest local snapshot is a part
@@ -498,9 +507,22 @@ def test_torchrun_across_three_hosts_holds_parts_in_a_ring_and_survives_a_lost_h
     assert resume["transfer"]["assembled"] == Path(resume["snapshot"]).name and resume["transfer"]["bytes"] > 0
     assert "completed on every node from the parts held on" in (run_dir / "train.log").read_text()
     check_sample_offsets(records, batch=12)
+    assert_durable_copies_from_memory(run_dir, nodes=(3, 2))
     print(f"\ntorchrun, three hosts: {lost} failed; the survivors completed {resume['transfer']['assembled']} "
           f"from their parts ({resume['transfer']['bytes']} bytes in {resume['transfer']['seconds']}s); first "
           f"step at world size 2 {first_step_after(records, resume)['time'] - failed:.1f}s after the failure")
+
+
+def assert_durable_copies_from_memory(run_dir: Path, nodes: tuple[int, ...]) -> None:
+    """Every durable snapshot the run kept was copied from the local tier by the nodes' writer processes
+    (copier.py) and verifies, every byte; the log names each number of nodes in ``nodes`` doing so."""
+    kept = [s for s in manifest.list_snapshots(run_dir / "snapshots") if s.complete]
+    assert kept, "no durable snapshot"
+    for snap in kept:
+        assert snap.commit["copied_from"] == "local" and snap.verify() is None, (snap.path, snap.verify())
+    said = (run_dir / "train.log").read_text()
+    for n in nodes:
+        assert f"copied from the local tier by the writer processes of {n} nodes" in said, said[-3000:]
 
 
 def newest_local_marker(host: str, tier: str) -> tuple[Path, dict[str, Any]]:

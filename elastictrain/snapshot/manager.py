@@ -28,9 +28,10 @@ step); its write, fingerprints, checksums and commit run during that step, and i
 step counts as done, so a kill redoes at most one step. On several nodes each node holds its own ranks'
 files of each local snapshot and its predecessor's in a ring (nodecopy.py), and at a restore the nodes
 complete the newest one from their parts and send it to a node that lacks it. A restore
-takes the newest snapshot every rank can read, local or durable. With the local tier on and every rank on
-one node, a durable snapshot is that step's local snapshot, copied into the run directory by a separate
-writer process (copier.py, writer.py) instead of the in-process writer thread.
+takes the newest snapshot every rank can read, local or durable. With the local tier on (one node, or several
+in a ring), a durable snapshot is that step's local snapshot, copied into the run directory by separate
+writer processes (copier.py, writer.py: rank 0's, or every node leader's its share) instead of the in-process
+writer thread.
 """
 
 from __future__ import annotations
@@ -375,8 +376,11 @@ class SnapshotManager:
         if nodes is not None and nodes.several:
             self.local.nodes = self.restorer.nodes = nodes
         self.local_part_seconds = self.local.part_seconds
-        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size:  # one node: see copier.py
-            self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults)
+        # One node, or several in a ring (copier.py). Not where torchrun's nodes share a host name: which files
+        # each node's memory holds is not known there, so the writer thread writes durable snapshots.
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == self.ctx.world_size or self.local.nodes is not None:
+            self.copier = DurableCopier(self.ctx, self.root, self.cfg.keep, self.local, self._create_local, self.faults,
+                                        self.local.nodes)
         if self.ctx.is_main:
             log.info("local snapshot tier: %s, %s", placement.root,
                      f"every {self.local_clock.every_steps} step(s)" if self.local_clock.every_steps else

@@ -76,29 +76,48 @@ def copy_verified(src: Path, dst: Path, size: int, sha256: str) -> None:
 
 def copy_snapshot(job: dict[str, Any]) -> dict[str, Any]:
     """Do one job (see the module doc); the answer: {"ok": true, "removed": [...]} or {"ok": false, "error":
-    one line, "enospc": bool}."""
+    one line, "enospc": bool}. A job with ``files`` (several nodes: copier.py) copies only those into DST,
+    which exists, and with ``commit`` false leaves the commit to rank 0 once every node's share is copied."""
     src, dst, record = Path(job["src"]), Path(job["dst"]), dict(job["record"])
     start = time.time()
+    share = job.get("files")
     try:
-        manifest.make_room(dst)
-        dst.mkdir(parents=True)
-        for i, (rel, entry) in enumerate(sorted(record["files"].items(), key=lambda e: -e[1]["size"])):
+        if share is None:
+            manifest.make_room(dst)
+            dst.mkdir(parents=True)
+        names = record["files"] if share is None else share
+        for i, rel in enumerate(sorted(names, key=lambda r: -record["files"][r]["size"])):
             if Path(rel).is_absolute() or ".." in Path(rel).parts:  # a tampered record: never outside DST
                 raise ValueError(f"{src / manifest.COMMIT}: file name {rel!r} leaves the snapshot; not copied")
+            entry = record["files"][rel]
             copy_verified(src / rel, dst / rel, entry["size"], entry["sha256"])
             if i == 0 and job.get("fault") == "sigkill":
-                os.kill(os.getpid(), signal.SIGKILL)  # test-only: --debug.fault sigkill@writer=N
-        for folder in sorted({(dst / rel).parent for rel in record["files"]}, key=lambda p: -len(p.parts)):
+                os.kill(os.getpid(), signal.SIGKILL)  # test-only: --debug.fault sigkill@writer=N[:rank=R]
+        for folder in sorted({(dst / rel).parent for rel in names}, key=lambda p: -len(p.parts)):
             fsync_dir(folder)
-        record.update(committed_at=time.time(), checksum_seconds=round(time.time() - start, 4),
-                      write_seconds=round(time.time() - record["started_at"], 4))
-        record["record_sha256"] = manifest.record_digest(record)
-        write_json_atomic(dst / manifest.COMMIT, record)  # last: from here on the snapshot is complete
-        return {"ok": True, "seconds": round(time.time() - start, 4),
-                "removed": manifest.apply_retention(dst.parent, job["keep"])}
+        if not job.get("commit", True):
+            return {"ok": True, "seconds": round(time.time() - start, 4), "removed": [], "copied": list(names)}
+        return commit_copy(dst, record, start, job["keep"])
     except (OSError, ValueError, KeyError) as e:
         enospc = isinstance(e, OSError) and e.errno == errno.ENOSPC
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "enospc": enospc}
+
+
+def commit_copy(dst: Path, record: dict[str, Any], start: float, keep: int) -> dict[str, Any]:
+    """Write the commit record into DST, last (every file it lists is there: copied, checked and fsynced),
+    then retention in DST's parent. The answer of a job (see copy_snapshot)."""
+    record = dict(record)
+    for rel, entry in record["files"].items():  # a share copied by another node: at least its size is checked
+        size = (dst / rel).stat().st_size
+        if size != entry["size"]:
+            raise ValueError(f"{dst / rel}: {size} bytes, not the {entry['size']} of the local snapshot; not "
+                             "committed")
+    record.update(committed_at=time.time(), checksum_seconds=round(time.time() - start, 4),
+                  write_seconds=round(time.time() - record["started_at"], 4))
+    record["record_sha256"] = manifest.record_digest(record)
+    write_json_atomic(dst / manifest.COMMIT, record)  # last: from here on the snapshot is complete
+    return {"ok": True, "seconds": round(time.time() - start, 4),
+            "removed": manifest.apply_retention(dst.parent, keep)}
 
 
 def main() -> None:
