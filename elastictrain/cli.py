@@ -79,7 +79,8 @@ def run_training(cfg: Config) -> int:
     from pathlib import Path
 
     from elastictrain import lifeline, runlock
-    from elastictrain.dist import init_distributed, teardown
+    from elastictrain.config import to_dict
+    from elastictrain.dist import check_same_config, init_distributed, teardown
     from elastictrain.console import setup_logging
     from elastictrain.preemption import Preemption
 
@@ -94,6 +95,7 @@ def run_training(cfg: Config) -> int:
     ctx = trainer = lock = watchdog = None
     try:
         ctx = init_distributed(cfg)
+        check_same_config(ctx, to_dict(cfg))
         lock = runlock.acquire(cfg, ctx)  # before anything reads or writes the run directory
         setup_logging(Path(cfg.run.dir), ctx.rank)
         from elastictrain import liveness

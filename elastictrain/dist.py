@@ -66,6 +66,38 @@ def init_distributed(cfg: Config) -> DistContext:
     return DistContext(rank, world, env.local_rank, device, backend, ckpt_group, cpu_group)
 
 
+def check_same_config(ctx: DistContext, settings: dict[str, Any]) -> None:
+    """Every rank (collective): raise the same UserError on every rank when some rank was started with other
+    settings than rank 0 (a node launched with other flags or another config file). Ranks that disagree
+    would train a different run than any of them was told, and the snapshot engines would fail later with
+    an error that names neither the setting nor the node."""
+    if not ctx.distributed:
+        return
+    import socket
+
+    flat = _flatten(settings)
+    views = all_gather_object(ctx, (socket.gethostname(), flat))
+    host0, first = views[0]
+    for rank, (host, theirs) in enumerate(views[1:], start=1):
+        differ = sorted(k for k in first.keys() | theirs.keys() if first.get(k) != theirs.get(k))
+        if differ:
+            shown = "; ".join(f"{k} is {theirs.get(k)!r} there and {first.get(k)!r} on rank 0 ({host0})"
+                              for k in differ[:3])
+            more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise UserError(f"rank {rank} (host {host}) was started with other settings than rank 0: {shown}"
+                            f"{more}. Start every node with the same config file and flags")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def teardown(ctx: DistContext | None) -> None:
     if ctx is not None and ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -137,3 +137,23 @@ def test_torchrun_can_always_read_a_workers_error_file(tmp_path: Path, how: str)
         assert failure.message["message"] == "RuntimeError: boom"
     else:
         assert not error_file.exists() and not list(tmp_path.iterdir())  # no half file, no temporary left
+
+
+def test_ranks_started_with_other_settings_are_refused_naming_the_setting(tmp_path: Path) -> None:
+    """torchrun, two ranks, one of them given another --train.epochs (a node launched with other flags): every
+    rank exits 2 with one message naming the setting, both values and the rank, before anything is trained or
+    written (the engines would otherwise fail at the first snapshot, naming neither)."""
+    wrapper = tmp_path / "other_flags.py"
+    wrapper.write_text("import os, sys\nfrom elastictrain.cli import main\n"
+                       "extra = ['--train.epochs', '5'] if os.environ['RANK'] == '1' else []\n"
+                       "sys.exit(main(sys.argv[1:] + extra))\n")
+    run_dir = tmp_path / "run"
+    cmd = [*cli_cmd([], nproc=2)[:-2], str(wrapper), *tiny_args(run_dir)]
+    result = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180)
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    expected = "rank 1 (host " + os.uname().nodename + ") was started with other settings than rank 0: " \
+        "train.epochs is 5 there and 3 on rank 0"
+    assert said.count(expected) == 2, said[-3000:]  # each rank says it once, the same
+    assert "elastictrain/cli.py" not in said, said[-3000:]  # no worker traceback (torchrun prints its own)
+    assert not run_dir.exists()
