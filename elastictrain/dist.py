@@ -34,6 +34,8 @@ class DistContext:
     never interleave with the training thread's collectives."""
     cpu_group: Any = None
     """A gloo group for the training thread's object collectives (works under nccl too)."""
+    timeout_s: float = 1800.0
+    """The collectives' timeout (--dist.timeout_s)."""
 
     @property
     def distributed(self) -> bool:
@@ -63,7 +65,7 @@ def init_distributed(cfg: Config) -> DistContext:
     dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return DistContext(rank, world, env.local_rank, device, backend, ckpt_group, cpu_group)
+    return DistContext(rank, world, env.local_rank, device, backend, ckpt_group, cpu_group, cfg.dist.timeout_s)
 
 
 def check_same_config(ctx: DistContext, settings: dict[str, Any]) -> None:

@@ -76,6 +76,10 @@ class FaultInjector:
         self.rank = rank
         self.others = [FaultInjector(s, run_dir, rank) for s in rest.split(",") if s] if rest else []
 
+    def aims_at(self, point: str) -> bool:
+        """Whether some fault of the spec (on any rank) is at ``point``."""
+        return (self.fault is not None and self.fault.point == point) or any(o.aims_at(point) for o in self.others)
+
     def claim(self, point: str, n: int) -> str | None:
         """The kind of a fault due here that has not fired yet, now marked as fired; None otherwise. (For a
         fault another process carries out: the durable writer's.)"""

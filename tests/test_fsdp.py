@@ -263,8 +263,13 @@ def test_exported_model_gives_the_sharded_models_outputs(sharded: dict[str, Any]
     cfg = load_config(["--config", str(TINY)])
     model = build_model(cfg.model, cfg.data.num_classes)
     model.load_state_dict(load_final(reference))  # strict, weights_only, CPU
-    with torch.no_grad():
-        logits = model.eval()(fixed_input())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's ranks (OMP_NUM_THREADS=1): a conv's sums in the same order
+    try:
+        with torch.no_grad():
+            logits = model.eval()(fixed_input())
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(logits, sharded["logits"], rtol=1e-5, atol=1e-6)
 
 

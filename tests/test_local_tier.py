@@ -423,6 +423,33 @@ def test_the_engine_process_killed_alone(reference_runs: dict[int, Path], tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine,strategy", [("torchsnapshot", "ddp"), ("dcp", "fsdp")])
+def test_two_ranks_one_ranks_engine_process_killed_alone(reference_runs: dict[int, Path], tmp_path: Path,
+                                                         shm_base: Path, engine: str, strategy: str) -> None:
+    """Two ranks under torchrun: each rank's snapshots are written by an engine process of its own, the two
+    in a process group of their own (FSDP2's shards as DTensors on a mesh of theirs). Rank 1's SIGKILLs
+    itself after writing step 3's local snapshot: that snapshot is lost on both ranks (one warning naming
+    rank 1, nothing complete-looking left), both ranks start new engine processes, which write the rest (the
+    durable copies come from their local snapshots); the run ends bitwise equal to one never disturbed."""
+    run_dir = tmp_path / "run"
+    args = local_args(run_dir, shm_base, "--checkpoint.engine", engine, "--dist.strategy", strategy)
+    out = run_cli([*args, "--debug.fault", "sigkill@engine=3:rank=1"], nproc=2, check=True).stdout
+    assert "epoch00000-step00000003 not written: the snapshot engine process of rank 1 died (signal SIGKILL)" \
+        in out, out[-3000:]
+    assert "written by a thread" not in out
+    assert "epoch00001-step00000004 committed (copied from the local tier" in out
+    assert_no_false_complete(run_dir)
+    assert [s.name for s in durable_snapshots(run_dir) if s.complete] == ["epoch00003-step00000012",
+                                                                            "epoch00002-step00000008"]
+    reference = reference_runs[2]
+    if strategy == "fsdp":  # FSDP2 reduces in another order than DDP: its own undisturbed run
+        reference = tmp_path / "reference"
+        run_cli(local_args(reference, shm_base, "--checkpoint.engine", engine, "--dist.strategy", strategy),
+                nproc=2, check=True)
+    assert_bitwise_equal(load_final(reference), load_final(run_dir))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 def test_durable_snapshots_without_a_local_tier_come_from_the_engine_process(reference_runs: dict[int, Path],
                                                                            tmp_path: Path, engine: str) -> None:

@@ -30,6 +30,41 @@ def test_sigterm_to_whole_process_group_with_loader_workers(reference_runs: dict
     assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
 
 
+@pytest.mark.parametrize("case", ["local tier", "engine killed"])
+def test_sigterm_to_the_whole_group_spares_the_snapshot_helpers(reference_runs: dict[int, Path], tmp_path: Path,
+                                                                case: str) -> None:
+    """The same SIGTERM to every process, with the snapshot helpers running: ``local tier`` (a local snapshot
+    every step, the durable copy by the writer process): the engine and writer processes ignore the signal,
+    which is their rank's to handle, and die with it, so none of them dies of it. ``engine killed`` (no local
+    tier): the engine process is also killed alone while it writes the preemption snapshot, which is then
+    taken again by a new one. Either way: exit 75, and the same command resumes from the preemption snapshot
+    and ends bitwise."""
+    import shutil
+    import uuid
+
+    run_dir, shm = tmp_path / "run", Path("/dev/shm") / f"et-test-{uuid.uuid4().hex[:8]}"
+    extra = ["--checkpoint.local_every_steps", "1", "--checkpoint.local_dir", str(shm)] if case == "local tier" else []
+    fault = "groupterm@step=5" + (",sigkill@engine=5" if case == "engine killed" else "")
+    args = tiny_args(run_dir, *extra, "--debug.fault", fault)
+    try:
+        first = run_cli(args)
+        assert first.returncode == 75, first.stdout[-3000:]
+        died = "process died (signal SIGKILL)" if case == "engine killed" else None
+        assert [line for line in first.stdout.splitlines() if "process died" in line and (died is None or died not in line)] == []
+        if case == "engine killed":
+            assert "epoch00001-step00000005 not written: the snapshot engine process died (signal SIGKILL)" in first.stdout
+            assert "snapshot epoch00001-step00000005 was lost; taking it again" in first.stdout
+        else:
+            assert "epoch00001-step00000005 committed (copied from the local tier by the writer process" in first.stdout
+        preempted = [r for r in read_jsonl(run_dir) if r.get("event") == "preempted"]
+        assert [(r["step"], r["snapshot"]) for r in preempted] == [(5, "epoch00001-step00000005")]
+        second = run_cli(args, check=True)
+        assert "resuming from epoch 1 step 5" in second.stdout
+        assert_bitwise_equal(load_final(reference_runs[1]), load_final(run_dir))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 def test_second_ctrl_c_stops_the_run_at_once_without_a_snapshot(reference_runs: dict[int, Path],
                                                                  tmp_path: Path) -> None:
     """A person's Ctrl-C on a slow step (stalled here by the test fault): the notice appears at once; a second

@@ -226,7 +226,16 @@ class SnapshotManager:
         if state.step == self.durable.held_step:
             self.wait()
             return manifest.snapshot_name(state.epoch, state.step)
-        return self._save(app_state, state, None, False, background=False, end_of_epoch=state.sample_offset == 0)
+        for attempt in (1, 2):
+            name = self._save(app_state, state, None, False, background=False, end_of_epoch=state.sample_offset == 0)
+            if name is None or on_main_together(self.ctx, lambda: manifest.read_commit(self.root / name) is not None):
+                return name
+            # Its engine or writer process died alone (a warning said so): new ones take it again, once.
+            self.durable.held_step = -1
+            if self.ctx.is_main:
+                log.warning("snapshot %s was lost; %s", name, "taking it again" if attempt == 1 else
+                            "none taken: a re-run resumes from the newest complete snapshot")
+        return None
 
     def _save(self, app_state: AppState, state: TrainState, val_loss: float | None, is_best: bool,
               background: bool, end_of_epoch: bool) -> str | None:
@@ -393,8 +402,10 @@ class SnapshotManager:
         failures this run directory has seen."""
         self._setup_local(app_state)
         if self.cfg.mode != "off":  # started now, so that its import of torch overlaps the restore
-            # In /dev/shm: the staging buffers, and the local tier's two generations (a third while copied).
-            shm_needed = state_bytes(app_state) * (4 if self.local else 1) + localtier.SAFE_MARGIN_BYTES
+            # In /dev/shm: every rank's staging buffers on this node, and the local tier's two generations (a
+            # third while copied).
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            shm_needed = state_bytes(app_state) * (local_ranks + (3 if self.local else 0)) + localtier.SAFE_MARGIN_BYTES
             (self.local or self.saver).use_engine_process(self.faults, shm_needed)
         found = self.restorer.restore_latest(app_state, self.local.root if self.local is not None else None)
         if self.clock.auto or (self.local is not None and self.local_clock.auto):

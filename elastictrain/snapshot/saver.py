@@ -1,8 +1,9 @@
 """The save side: copy the state into reused CPU buffers (the only part the training loop waits for), then a
 writer thread has the engine write the copy, fingerprints it, and rank 0 commits it (COMMIT.json, written
 last) and applies retention. One snapshot is in flight at most; its failure is raised on every rank at once.
-Where it can (world size 1, CPU: engine_process.py) the buffers are in shared memory and the engine write,
-fingerprints and checksums run in a process of their own; the writer thread waits for it and commits.
+Where it can (CPU: engine_process.py) the buffers are in shared memory and the engine write, fingerprints
+and checksums run in a process of their own (with several ranks, the ranks' engine processes form a group of
+their own); the writer thread waits for it and commits.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -27,7 +29,8 @@ from elastictrain.errors import UserError
 from elastictrain.faults import FaultInjector
 from elastictrain.osutil import has_errno
 from elastictrain.snapshot import manifest, nodecopy, proof
-from elastictrain.snapshot.engine_process import EngineProcess, EngineProcessDied, SharedStager
+from elastictrain.snapshot.engine_process import (EngineGroup, EngineProcess, EngineProcessDied, SharedStager, Staged,
+                                                  join)
 from elastictrain.snapshot.engines import AppState, Engine, StateDicts
 from elastictrain.snapshot.manifest import Snapshot
 from elastictrain.state import TrainState
@@ -67,25 +70,35 @@ class Saver:
         """The snapshot lost last because its engine process died alone (it was never committed)."""
         self.nodes: nodecopy.Nodes | None = None
         """The local tier's saver on several nodes: a ring of node copies (nodecopy.py)."""
+        self._restart_engines = False
+        """Some rank's engine process died: every rank starts a new one at the next snapshot."""
 
     def use_engine_process(self, faults: FaultInjector | None, shm_needed: int) -> None:
-        """Write from now on in an engine process (engine_process.py), started now, where it can; else say
-        why once. ``faults``: for its test-only fault point (``sigkill@engine=N``). ``shm_needed``: the
-        bytes /dev/shm must have free for the shared staging buffers beside whatever else goes there (a
-        container's 64 MB /dev/shm would fail the first snapshot with a bus error)."""
+        """Every rank (collective): write from now on in engine processes (engine_process.py), started now,
+        where every rank can; else say why once. ``faults``: for their test-only fault point
+        (``sigkill@engine=N``). ``shm_needed``: the bytes /dev/shm must have free for this node's shared
+        staging buffers beside whatever else goes there (a container's 64 MB /dev/shm would fail the first
+        snapshot with a bus error)."""
         shm = Path("/dev/shm")
         free = shutil.disk_usage(shm).free if shm.is_dir() else None
-        why = ("a process group (torchrun): the engine's write is a collective of the training processes' "
-               "group, and FSDP2's state is DTensors" if self.ctx.distributed else
-               f"the state is on {self.ctx.device.type}, staged into pinned memory" if self.ctx.device.type != "cpu"
+        store = (os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+        why = (f"the state is on {self.ctx.device.type}, staged into pinned memory" if self.ctx.device.type != "cpu"
                else f"{shm} has {manifest.human_size(free)} free, the shared staging buffers and what else "
                     f"goes there need {manifest.human_size(shm_needed)}" if free is not None and free < shm_needed
-               else "")
+               else "no MASTER_ADDR and MASTER_PORT: the engine processes of the ranks cannot meet"
+               if self.ctx.distributed and None in store else "")
+        views = all_gather_object(self.ctx, (why, uuid.uuid4().hex))
+        why = next((w for w, _ in views if w), "")
         if why:
             if self.ctx.is_main:
                 log.info("snapshots of %s written by a thread of the training process (%s)", self.root, why)
             return
-        self._process, self._process_faults = EngineProcess(self.engine.name), faults
+        group = None
+        if self.ctx.distributed:
+            # The training group's timeout: a rank slower to write waits in the engines' last collective.
+            group = EngineGroup(str(store[0]), int(str(store[1])), f"elastictrain-engines/{views[0][1]}",
+                                self.ctx.rank, self.ctx.world_size, self.ctx.timeout_s)
+        self._process, self._process_faults = EngineProcess(self.engine.name, group), faults
         self._process.ensure_started()
 
     @property
@@ -110,15 +123,20 @@ class Saver:
             on_main_together(self.ctx, lambda: self._clear_target(path))
         if self.prepare is not None:
             self.prepare()
+        in_process = False
         if self._process is not None:
+            if self._restart_engines:  # every rank alike (agreed in _write): a new group of engine processes
+                self._restart_engines = False
+                self._process.restart()
             self._process.ensure_started()  # a new one after one died alone
+            in_process = self._engines_ready()
         info = {"name": name, "id": uuid.uuid4().hex, "engine": self.engine.name, "epoch": state.epoch,
                 "step": state.step, "sample_offset": state.sample_offset, "world_size": self.ctx.world_size,
                 **record, "started_at": time.time()}
         staged = self._stage(app_state)
         self._staging = staged if isinstance(staged, Future) else None
         self._writing, self.held_step = name, state.step
-        self._writer = threading.Thread(target=self._write_beside_training, args=(path, staged, info),
+        self._writer = threading.Thread(target=self._write_beside_training, args=(path, staged, info, in_process),
                                         name=f"snapshot-{name}", daemon=True)
         self._writer.start()
         if self.faults:
@@ -169,11 +187,26 @@ class Saver:
         if aside is not None:
             log.warning("snapshot %s exists from an earlier branch of this run; moved aside to %s", path, aside)
 
-    def _write_beside_training(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
-        with gil_shared():
-            self._write(path, staged, info)
+    def _engines_ready(self) -> bool:
+        """Whether this snapshot goes to the engine processes: once every rank's has started (imported torch,
+        joined its group), which takes seconds after start-up or a restart; until then the writer thread
+        writes, so that an early snapshot is not held up. Every rank alike (one small collective, until they
+        all are)."""
+        assert self._process is not None
+        if self._process.ready_everywhere:
+            return True
+        if self._process_faults is not None and self._process_faults.aims_at("engine"):
+            self._process.wait_ready()  # a test of the engine process (sigkill@engine=N): it writes them all
+        ready = all(all_gather_object(self.ctx, self._process.ready))
+        self._process.ready_everywhere = ready
+        return ready
 
-    def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any]) -> None:
+    def _write_beside_training(self, path: Path, staged: StateDicts | Future, info: dict[str, Any],
+                               in_process: bool) -> None:
+        with gil_shared():
+            self._write(path, staged, info, in_process)
+
+    def _write(self, path: Path, staged: StateDicts | Future, info: dict[str, Any], in_process: bool) -> None:
         """Writer thread, every rank: the engine writes this rank's part, then rank 0 records every entry's
         fingerprint and the files' checksums in the commit record, then best and retention."""
         parts: dict[str, float] = {}
@@ -189,7 +222,9 @@ class Saver:
                 staged = staged.result()
             timed("staging")
             files: dict[str, Any] | None = None
-            if self._process is not None:
+            if isinstance(staged, Staged) and not in_process:  # staged for the engine processes, not ready yet
+                staged = join(*staged)
+            if in_process:
                 done = self._write_in_process(path, staged, info["step"])
                 if done is None:
                     return
@@ -206,6 +241,9 @@ class Saver:
             # written another one): the gather has every rank's step.
             gathered = all_gather_object(self.ctx, (info["step"], partial), group=self.ctx.ckpt_group)
             steps, partials = [g[0] for g in gathered], [g[1] for g in gathered]
+            failed = [(rank, p) for rank, (s, p) in enumerate(zip(steps, partials)) if s is None]
+            if failed:  # some rank's engine process failed (it raises its own error; the others say which)
+                raise RuntimeError(f"on rank {failed[0][0]}: {failed[0][1]}")
             if len(set(steps)) != 1:
                 raise RuntimeError(f"ranks disagree on the snapshot step: {steps}")
             if self.faults:
@@ -231,19 +269,41 @@ class Saver:
         except BaseException as e:  # surfaced by wait() on the training thread, on every rank
             self._error = self._disk_full(path, e) or e
 
-    def _write_in_process(self, path: Path, staged: StateDicts, step: int) -> dict[str, Any] | None:
-        """The engine process's answer; None when it died alone (world size 1): this snapshot is lost, its
-        debris removed, and the next one starts a new process."""
+    def _write_in_process(self, path: Path, staged: Any, step: int) -> dict[str, Any] | None:
+        """The engine process's answer; None when some rank's engine process died alone: this snapshot is
+        lost (on every rank alike), its debris removed, and the next one starts new engine processes. With
+        several ranks the ranks agree on it first; a rank whose process failed otherwise gathers a step of
+        None (the others raise too) and raises its error."""
         assert self._process is not None
         fault = self._process_faults.claim("engine", step) if self._process_faults else None
+        died, error, answer = "", None, None
         try:
-            return self._process.write(path, staged, fault)
+            answer = self._process.write(path, staged, fault)
         except EngineProcessDied as e:
-            log.warning("snapshot %s not written: %s; it stays incomplete (removed), a new engine process takes "
-                        "the next one", path, e)
-            manifest.remove_if_uncommitted(path)
+            died = str(e)
+        except BaseException as e:  # noqa: BLE001 - raised below, once the ranks have agreed
+            error = e
+        if self.ctx.distributed:
+            deaths = [d for d in all_gather_object(self.ctx, (self.ctx.rank, died), group=self.ctx.ckpt_group)
+                      if d[1]]
+            if deaths:
+                rank, died = deaths[0]
+                died = f"{died.replace('process died', f'process of rank {rank} died', 1)}"
+                self._restart_engines = True
+            elif error is not None:
+                all_gather_object(self.ctx, (None, f"{type(error).__name__}: {error}"),  # the others' step gather
+                                  group=self.ctx.ckpt_group)
+                raise error
+        elif error is not None:
+            raise error
+        if died:
+            if self.ctx.is_main:
+                log.warning("snapshot %s not written: %s; it stays incomplete (removed), a new engine process "
+                            "takes the next one", path, died)
+                manifest.remove_if_uncommitted(path)
             self.lost, self.held_step = path.name, -1
             return None
+        return answer
 
     def _commit_on_every_node(self, path: Path, info: dict[str, Any], steps: list[int],
                               entries: proof.Record) -> None:

@@ -16,6 +16,7 @@ holds no model memory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from elastictrain.osutil import fsync_dir, write_json_atomic
 from elastictrain.snapshot import manifest
@@ -40,9 +41,47 @@ _IOPRIO_IDLE = 3 << 13  # IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
 _PR_SET_PDEATHSIG = 1
 
 
-def lower_priority() -> None:
-    """Lowest CPU priority, idle I/O class where the kernel offers it (Linux); CPU only elsewhere."""
-    os.nice(19)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""What SLURM sends every process of a job, torchrun a worker's process group, a terminal its foreground group."""
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Block the preemption signals on this thread while it starts a helper process. The child inherits the
+    mask across fork and exec, so such a signal reaching it while it starts up (seconds, for one that imports
+    torch) stays pending there instead of killing it in the middle of the rank's preemption snapshot; the
+    helper then ignores them for good (:func:`ignore_preemption_signals`). The rank loses none: a signal sent
+    to the process meanwhile goes to another thread or waits until this one unblocks it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_preemption_signals() -> None:
+    """In a helper process: the preemption signals are its rank's to handle (it snapshots, then exits, and
+    the helper dies with it), as in the DataLoader workers (data.py)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def spare_cores(ranks_here: int) -> bool:
+    """Whether this node has a core to spare beside each of its training ranks (the ones this process may
+    run on)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= 2 * ranks_here
+
+
+def lower_priority(cpu: bool = True) -> None:
+    """Idle I/O class where the kernel offers it (Linux); with ``cpu``, also the lowest CPU priority. (A
+    helper that must keep up with training on a node without a spare core keeps its CPU priority: at nice 19
+    beside ranks that use every core it starved, and a snapshot waited for it for seconds.)"""
+    if cpu:
+        os.nice(19)
     number = _IOPRIO_SET.get(platform.machine())
     if sys.platform == "linux" and number is not None:
         ctypes.CDLL(None, use_errno=True).syscall(number, 1, 0, _IOPRIO_IDLE)  # IOPRIO_WHO_PROCESS, self
@@ -122,6 +161,7 @@ def commit_copy(dst: Path, record: dict[str, Any], start: float, keep: int) -> d
 
 def main() -> None:
     """``python -m elastictrain.snapshot.writer PARENT_PID``: one job a line until stdin closes."""
+    ignore_preemption_signals()
     die_with_parent(int(sys.argv[1]))
     lower_priority()
     for line in sys.stdin:
@@ -145,9 +185,10 @@ class WriterProcess:
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
                                                               if p)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "elastictrain.snapshot.writer", str(os.getpid())],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     close_fds=True)
+        with signals_held():
+            self.proc = subprocess.Popen([sys.executable, "-m", "elastictrain.snapshot.writer", str(os.getpid())],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                         close_fds=True)
 
     @property
     def busy(self) -> bool:
