@@ -93,10 +93,12 @@ def reference(runs: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def killed(runs: Path) -> Path:
-    """torchsnapshot engine (the default); rank 1 SIGKILLs itself after step 5 (mid epoch 2) and torchrun
+    """torchsnapshot engine (the default); rank 0 SIGKILLs itself once the epoch-1 snapshot is committed (in
+    epoch 2: it is written in the background while epoch 2 trains; a kill at step 5 could come before the
+    commit on a loaded machine, and the run then resumed from nothing) and torchrun
     restarts both workers in the same command. Its snapshots are the torchsnapshot FSDP2 sources below."""
     run_dir = runs / "killed"
-    run_cli(fsdp_args(run_dir, "--debug.fault", "sigkill@step=5:rank=1"), nproc=2, max_restarts=1, check=True)
+    run_cli(fsdp_args(run_dir, "--debug.fault", "sigkill@saved=3:rank=0"), nproc=2, max_restarts=1, check=True)
     return run_dir
 
 

@@ -242,7 +242,10 @@ def _serve(engine_name: str, conn: Any, parent: int, group: EngineGroup | None =
         dist.init_process_group("gloo", store=store, rank=group.rank, world_size=group.world_size,
                                 timeout=timeout)
         ctx = DistContext(group.rank, group.world_size, 0, torch.device("cpu"), "gloo")
-    conn.send({"ready": True})
+    try:
+        conn.send({"ready": True})
+    except OSError:  # its rank ended before it had started up (a short run, a start-up error)
+        return
     while True:
         try:
             job = conn.recv()

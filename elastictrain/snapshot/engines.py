@@ -9,6 +9,7 @@ when it could not read everything. What torchsnapshot gets wrong on this torch i
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import random
 import warnings
@@ -152,6 +153,12 @@ class TorchSnapshotEngine:
     name = "torchsnapshot"
     marker = ".snapshot_metadata"
 
+    def __init__(self) -> None:
+        # Imported here, on the thread that builds the engine: first imported on a writer thread while the
+        # training thread ran a backward, psutil's import (torchsnapshot's) crashed the process (a segfault, once
+        # in the suite).
+        importlib.import_module("torchsnapshot")
+
     def prepare_for_save(self, state: StateDicts, ctx: DistContext) -> StateDicts:
         # A DTensor with an empty shard on some rank is stored whole, as a replicated entry (it is small: a
         # tensor that does not fill every rank with one row each). full_tensor() is a collective; every rank
@@ -266,6 +273,9 @@ class DCPEngine:
 
     name = "dcp"
     marker = ".metadata"
+
+    def __init__(self) -> None:
+        importlib.import_module("torch.distributed.checkpoint")  # on the building thread (see TorchSnapshotEngine)
 
     def prepare_for_save(self, state: StateDicts, ctx: DistContext) -> StateDicts:
         return state
