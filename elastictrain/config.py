@@ -145,6 +145,8 @@ class CheckpointConfig:
     """Node-local snapshot tier in memory: 'auto' (a per-user directory under /dev/shm when it has room for two generations of this rank's state, else off), 'none' (off), or a directory (e.g. local NVMe)."""
     local_every_steps: str = "auto"
     """A node-local snapshot every N optimizer steps: 'auto' (Young/Daly with the local tier's own measured cost), a number, or 0 = off."""
+    engine_process: str = "auto"
+    """Write snapshots (engine write, fingerprints, checksums) in a process per rank beside training, on CPU: 'auto' (where the node has a core to spare beside each rank), 'on' or 'off' (a thread of the training process)."""
     resume_from: str = ""
     """Snapshot to start this run's lineage from, once (later restarts continue from its newest descendant); empty = the latest complete snapshot in the run directory."""
 
@@ -367,6 +369,8 @@ def validate(cfg: Config) -> list[str]:
     local = cfg.checkpoint.local_every_steps
     if local != "auto" and not (local.isdigit()):
         p.append(f"--checkpoint.local_every_steps: a number of steps >= 0 or 'auto', got {local!r}")
+    if cfg.checkpoint.engine_process not in ("auto", "on", "off"):
+        p.append(f"--checkpoint.engine_process: 'auto', 'on' or 'off', got {cfg.checkpoint.engine_process!r}")
     if not cfg.checkpoint.local_dir.strip():
         p.append("--checkpoint.local_dir: 'auto', 'none' or a directory, got an empty string")
     if not (math.isfinite(cfg.checkpoint.mtbf_hours) and cfg.checkpoint.mtbf_hours > 0):

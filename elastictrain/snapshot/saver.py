@@ -33,6 +33,7 @@ from elastictrain.snapshot.engine_process import (EngineGroup, EngineProcess, En
                                                   join)
 from elastictrain.snapshot.engines import AppState, Engine, StateDicts
 from elastictrain.snapshot.manifest import Snapshot
+from elastictrain.snapshot.writer import cores, spare_cores
 from elastictrain.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,13 @@ class Saver:
         shm = Path("/dev/shm")
         free = shutil.disk_usage(shm).free if shm.is_dir() else None
         store = (os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
-        why = (f"the state is on {self.ctx.device.type}, staged into pinned memory" if self.ctx.device.type != "cpu"
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        setting = self.cfg.engine_process
+        why = ("--checkpoint.engine_process off" if setting == "off"
+               else f"no core to spare beside each of this node's {ranks_here} rank(s) ({cores()} cores): a process "
+                    "would compete with training for them; --checkpoint.engine_process on to use one anyway"
+               if setting == "auto" and not spare_cores(ranks_here)
+               else f"the state is on {self.ctx.device.type}, staged into pinned memory" if self.ctx.device.type != "cpu"
                else f"{shm} has {manifest.human_size(free)} free, the shared staging buffers and what else "
                     f"goes there need {manifest.human_size(shm_needed)}" if free is not None and free < shm_needed
                else "no MASTER_ADDR and MASTER_PORT: the engine processes of the ranks cannot meet"

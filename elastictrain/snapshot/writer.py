@@ -69,11 +69,14 @@ def ignore_preemption_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def spare_cores(ranks_here: int) -> bool:
-    """Whether this node has a core to spare beside each of its training ranks (the ones this process may
-    run on)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores >= 2 * ranks_here
+    """Whether this node has a core to spare beside each of its training ranks."""
+    return cores() >= 2 * ranks_here
 
 
 def lower_priority(cpu: bool = True) -> None:
