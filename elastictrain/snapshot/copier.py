@@ -140,11 +140,11 @@ class DurableCopier:
         self._copying = pending["name"]
         src, dst = self.local.root / pending["name"], self.root / pending["name"]
         share: list[str] | None = None
+        local, held = _local_record(src) if self._writer is not None else (None, None)
         if self.nodes is not None:
             on_main_together(self.ctx, lambda: _make_room(dst))  # before any leader writes into it
-            share = self._share_of(src)
+            share = self._share_of(local, held)
         if self._writer is not None:
-            local, _ = _local_record(src)
             assert local is not None, f"{src}: the local snapshot to copy is not committed"
             record = {k: v for k, v in local.items() if k not in ("record_sha256", "where", "durable")}
             record.update(pending["record"], started_at=pending["started_at"], copied_from="local")
@@ -199,16 +199,13 @@ class DurableCopier:
         if self.faults:
             self.faults.maybe_fire("saved", manifest.parse_name(name)[1])
 
-    def _share_of(self, src: Path) -> list[str] | None:
-        """Every rank (collective): the files of local snapshot ``src`` this node leader's writer copies (None
-        elsewhere). Each file goes to a leader whose memory holds it, the largest first to the least loaded."""
+    def _share_of(self, local: dict[str, Any] | None, held: list[str] | None) -> list[str] | None:
+        """Every rank (collective): the files of the local snapshot (on a leader: its record and the files its
+        node holds) this node leader's writer copies (None elsewhere). Each file goes to a leader whose memory
+        holds it, the largest first to the least loaded."""
         assert self.nodes is not None
-        held = None
-        if self.nodes.is_leader:
-            record, held = _local_record(src)
-            files = record["files"] if record is not None else None
-        views: list[tuple[Files | None, list[str] | None] | None] = all_gather_object(
-            self.ctx, (files, held) if self.nodes.is_leader else None)
+        mine = (local["files"] if local is not None else None, held) if self.nodes.is_leader else None
+        views: list[tuple[Files | None, list[str] | None] | None] = all_gather_object(self.ctx, mine)
         leaders = [v for v in views if v is not None]
         if any(v[0] is None for v in leaders):  # a node lost its copy: every share is empty, the commit fails
             return [] if self.nodes.is_leader else None
@@ -228,7 +225,7 @@ class DurableCopier:
         assert record is not None
         start = time.time()
         try:
-            if set().union(*(a.get("copied", ()) for a in given)) < set(record["files"]):
+            if not set().union(*(a.get("copied", ()) for a in given)) >= set(record["files"]):
                 raise ValueError(f"{self.root / name}: some of its files were copied by no node (a node lost its "
                                  "local copy); not committed")
             done = commit_copy(self.root / name, record, start, self.keep)
